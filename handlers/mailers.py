@@ -1,0 +1,40 @@
+"""Mailer adapters: `log` (default, sends nothing) and `http` (POST to a provider)."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+
+from handlers.http import post_json
+from schemas import SendEmail
+
+log = logging.getLogger("pipeline.mailer")
+
+
+class LogMailer:
+    """Writes the mail to the log instead of sending it; for development."""
+
+    async def send(self, mail: SendEmail, *, idempotency_key: str) -> str | None:
+        log.info("mail to %s: %s", mail.to, mail.subject, extra={"idempotency_key": idempotency_key})
+        return f"log-{idempotency_key}"
+
+
+class HttpMailer:
+    """POSTs `{to, subject, body, template}` with `Idempotency-Key: <message id>`."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, api_key: str | None = None) -> None:
+        self._client = client
+        self._url = url
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def send(self, mail: SendEmail, *, idempotency_key: str) -> str | None:
+        payload = {"to": str(mail.to), "subject": mail.subject, "body": mail.body, "template": mail.template}
+        headers = {"Idempotency-Key": idempotency_key, **self._auth}
+        response = await post_json(self._client, self._url, payload, headers)
+        try:
+            data = response.json()
+        except ValueError:
+            return None
+        provider_id = data.get("id") if isinstance(data, dict) else None
+        return str(provider_id) if provider_id is not None else None

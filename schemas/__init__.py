@@ -1,0 +1,29 @@
+"""Pydantic models of the pipeline: commands in, events out, the failure envelope."""
+
+from schemas.commands import Command, RequestCompletion, SendEmail
+from schemas.context import MessageContext
+from schemas.events import (
+    CompletionFailed,
+    CompletionSucceeded,
+    EmailFailed,
+    EmailSent,
+    Event,
+    MessageDeadLettered,
+    OutcomeEvent,
+)
+from schemas.failures import FailureKind
+
+__all__ = (
+    "Command",
+    "CompletionFailed",
+    "CompletionSucceeded",
+    "EmailFailed",
+    "EmailSent",
+    "Event",
+    "FailureKind",
+    "MessageContext",
+    "MessageDeadLettered",
+    "OutcomeEvent",
+    "RequestCompletion",
+    "SendEmail",
+)

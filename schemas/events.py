@@ -1,0 +1,92 @@
+"""Outcome events: what happened (past-tense names), published on `events`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal, TypeAlias
+
+from pydantic import Field
+
+from schemas.base import Message
+from schemas.failures import FailureKind
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _event_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Event(Message):
+    """Fields every event carries."""
+
+    TYPE: ClassVar[str] = ""
+
+    event_id: str = Field(default_factory=_event_id, description="Unique id of this event; dedupe on it.")
+    occurred_at: datetime = Field(default_factory=_now, description="When it happened (UTC).")
+    message_id: str = Field(description="Id of the command this event answers.", max_length=256)
+    correlation_id: str = Field(description="Correlation id carried from the command.", max_length=256)
+
+
+class EmailSent(Event):
+    """The e-mail was accepted by the mail provider."""
+
+    TYPE: ClassVar[str] = "email.sent"
+    type: Literal["email.sent"] = "email.sent"
+    to: str = Field(examples=["ada@example.com"])
+    subject: str
+    provider_id: str | None = Field(None, description="The provider's id for the sent mail.")
+
+
+class EmailFailed(Event):
+    """The e-mail could not be sent and will not be retried."""
+
+    TYPE: ClassVar[str] = "email.failed"
+    type: Literal["email.failed"] = "email.failed"
+    to: str
+    reason: Annotated[str, Field(max_length=2000)]
+    failure_kind: FailureKind
+
+
+class CompletionSucceeded(Event):
+    """The model produced a completion for the task."""
+
+    TYPE: ClassVar[str] = "completion.succeeded"
+    type: Literal["completion.succeeded"] = "completion.succeeded"
+    task_id: str
+    model: str
+    completion: str
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+
+
+class CompletionFailed(Event):
+    """The completion failed for good."""
+
+    TYPE: ClassVar[str] = "completion.failed"
+    type: Literal["completion.failed"] = "completion.failed"
+    task_id: str
+    model: str
+    reason: Annotated[str, Field(max_length=2000)]
+    failure_kind: FailureKind
+
+
+class MessageDeadLettered(Event):
+    """A message was parked in a dead-letter queue or stream for review and replay."""
+
+    TYPE: ClassVar[str] = "message.dead_lettered"
+    type: Literal["message.dead_lettered"] = "message.dead_lettered"
+    queue: str = Field(description="Queue or stream the message came from.", examples=["email"])
+    dead_letter_queue: str = Field(examples=["email.dlq"])
+    failure_kind: FailureKind
+    exception_type: str
+    exception_message: Annotated[str, Field(max_length=2000)]
+    attempts: int = Field(ge=0)
+
+
+OutcomeEvent: TypeAlias = (
+    EmailSent | EmailFailed | CompletionSucceeded | CompletionFailed | MessageDeadLettered
+)

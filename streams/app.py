@@ -1,0 +1,143 @@
+"""`streams.app:app`: both brokers, the whole topology, the subscribers and HTTP in one process.
+
+Run with `faststream run streams.app:app --host 0.0.0.0 --port 8000`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
+from faststream.asgi.types import Scope
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
+from faststream.redis import RedisBroker
+from faststream.redis.prometheus import RedisPrometheusMiddleware
+from faststream.specification import AsyncAPI
+
+from streams import health, metrics, names, topology
+from streams.deps import Adapters, install
+from streams.logging import configure_logging, get_logger
+from streams.middleware import make_middleware
+from streams.outlets import RabbitOutlet, RedisOutlet
+from streams.pipeline import Pipeline
+from streams.publishers import declare_publishers
+from streams.routes import register
+from streams.settings import get_settings, mask_url
+from streams.store import EventStore
+
+settings = get_settings()
+configure_logging(settings.log_level, settings.log_format)
+log = get_logger("pipeline.app")
+
+store = EventStore(settings.database_url)
+pipeline = Pipeline(settings, store)
+redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
+
+rabbit = RabbitBroker(
+    settings.rabbit_url,
+    specification_url=mask_url(settings.rabbit_url),
+    graceful_timeout=settings.graceful_timeout,
+    description="Commands on exchange `tasks`, outcome events on topic exchange `events`.",
+    logger=logging.getLogger("faststream.rabbit"),
+    middlewares=[RabbitPrometheusMiddleware(registry=metrics.REGISTRY, app_name=settings.service_name)],
+)
+redis = RedisBroker(
+    settings.redis_url,
+    specification_url=mask_url(settings.redis_url),
+    graceful_timeout=settings.graceful_timeout,
+    description="Commands on streams `email` and `ai.completion`, outcome events on stream `events`.",
+    logger=logging.getLogger("faststream.redis"),
+    middlewares=[RedisPrometheusMiddleware(registry=metrics.REGISTRY, app_name=settings.service_name)],
+)
+
+rabbit_events, redis_events = declare_publishers(rabbit, redis)
+rabbit_outlet = RabbitOutlet(rabbit, rabbit_events)
+redis_outlet = RedisOutlet(redis, redis_events, redis_client)
+pipeline.attach(rabbit_outlet)
+pipeline.attach(redis_outlet)
+rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet))
+redis.add_middleware(make_middleware(pipeline, redis_outlet))
+
+subscribers = register(rabbit, redis, pipeline, settings)
+
+
+def consumer_name() -> str:
+    """This process's Redis consumer name: unique per process, readable in XINFO."""
+    return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def on_startup() -> None:
+    """Connect the store, choose adapters, declare the topology before any subscriber starts."""
+    # uvicorn configured its own loggers after import: route them through structlog again.
+    configure_logging(settings.log_level, settings.log_format)
+    await store.start()
+    install(Adapters.from_settings(settings))
+    name = consumer_name()
+    for sub in subscribers.values():
+        stream_sub = getattr(sub, "_stream_sub", None)
+        if stream_sub is not None:
+            stream_sub.consumer = name
+    await rabbit.connect()
+    await topology.declare_rabbit(rabbit, settings.delivery_limit)
+    await topology.declare_redis(redis_client)
+    log.info("starting", consumer=name, settings=settings.safe_dump())
+
+
+async def on_shutdown() -> None:
+    """Close what on_startup opened, after the brokers stopped consuming."""
+    from streams.deps import ADAPTERS
+
+    await ADAPTERS.close()
+    await redis_client.aclose()
+    await store.close()
+
+
+async def _rabbit_ok() -> bool:
+    return await rabbit.ping(timeout=2.0)
+
+
+async def _redis_ok() -> bool:
+    return bool(await redis_client.ping())
+
+
+@get(include_in_schema=False)
+async def metrics_endpoint(scope: Scope) -> AsgiResponse:
+    """Prometheus exposition of FastStream's and the pipeline's metrics."""
+    body, content_type = metrics.render()
+    return AsgiResponse(body, 200, headers={"content-type": content_type})
+
+
+def _subscribers() -> list[tuple[str, Any]]:
+    return list(subscribers.items())
+
+
+app = AsgiFastStream(
+    rabbit,
+    redis,
+    asgi_routes=[
+        *health.make_routes(
+            {"rabbitmq": _rabbit_ok, "redis": _redis_ok, "database": store.ping}, _subscribers
+        ),
+        ("/metrics", metrics_endpoint),
+    ],
+    asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),
+    specification=AsyncAPI(
+        title="pipeline",
+        version="0.1.0",
+        description=(
+            "Event-sourced message pipeline. Publish commands to exchange `tasks` (RabbitMQ) or "
+            "streams `email` / `ai.completion` (Redis); read outcomes on `events`. Failures end in "
+            "`<queue>.dlq` with headers x-failure-kind, x-exception-type, x-exception-message, "
+            "x-exception-stacktrace, x-original-queue, x-attempts, x-first-failure-at, "
+            "x-last-failure-at, message-id, correlation-id."
+        ),
+    ),
+    on_startup=[on_startup],
+    after_shutdown=[on_shutdown],
+)

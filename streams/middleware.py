@@ -1,0 +1,60 @@
+"""The broker middleware that puts every received message through the Pipeline (both brokers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faststream import BaseMiddleware
+from faststream._internal.basic_types import AsyncFuncAny
+from faststream.message import StreamMessage
+
+from streams.logging import bind_message, get_logger, unbind_message
+from streams.outlets import Outlet
+from streams.pipeline import Delivery, Pipeline
+
+log = get_logger("pipeline.middleware")
+
+DELIVERY_KEY = "delivery"
+
+
+def source_of(handler: Any, fallback: str) -> str:
+    """The queue or stream name of the subscriber handling the message."""
+    queue = getattr(handler, "queue", None)
+    if queue is not None:
+        return str(queue.name)
+    stream_sub = getattr(handler, "stream_sub", None)
+    if stream_sub is not None:
+        return str(stream_sub.name)
+    return fallback
+
+
+def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
+    """A middleware class bound to one pipeline and one broker's outlet."""
+
+    class PipelineMiddleware(BaseMiddleware):
+        """Oversize check, ids into logs, and every failure classified once by the Pipeline."""
+
+        async def consume_scope(self, call_next: AsyncFuncAny, msg: StreamMessage[Any]) -> Any:
+            handler = self.context.get_local("handler_")
+            env = outlet.envelope(msg, source_of(handler, fallback="unknown"))
+            delivery = Delivery(env)
+            bind_message(env.message_id, env.correlation_id, env.source)
+            try:
+                size = len(env.body) if env.fields is None else sum(
+                    len(k) + len(v) for k, v in env.fields.items()
+                )
+                if size > pipeline.settings.max_body_bytes:
+                    await pipeline.reject_invalid(
+                        delivery, f"body of {size} bytes exceeds {pipeline.settings.max_body_bytes}"
+                    )
+                    return None
+                with self.context.scope(DELIVERY_KEY, delivery):
+                    try:
+                        return await call_next(msg)
+                    except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+                        await pipeline.fail(delivery, exc)
+                        return None
+            finally:
+                unbind_message()
+
+    return PipelineMiddleware

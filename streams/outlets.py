@@ -1,0 +1,168 @@
+"""What the pipeline needs from a broker, written once per broker: read, publish, park, delay."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from faststream.message import StreamMessage
+from faststream.rabbit import RabbitBroker
+from faststream.rabbit.publisher.usecase import RabbitPublisher
+from faststream.redis import RedisBroker
+from faststream.redis.parser import BinaryMessageFormatV1
+from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
+
+from schemas import Event
+from streams import names, topology
+from streams.envelope import Envelope, Transport, header_str, parse_attempt, pick_ids
+
+DATA_KEY = b"__data__"
+
+
+class Outlet(Protocol):
+    """One broker as the pipeline sees it."""
+
+    transport: Transport
+
+    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
+        """Read a received message once into an Envelope."""
+        ...
+
+    async def publish_event(self, event: Event) -> None:
+        """Publish an outcome event on `events`, persistently."""
+        ...
+
+    async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
+        """Park the message, bytes untouched, in `<source>.dlq` with the failure headers."""
+        ...
+
+    async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
+        """Hand the message back to the broker to deliver again to its source after `delay` s."""
+        ...
+
+
+def _text_headers(raw: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k in raw if (v := header_str(raw, k)) is not None}
+
+
+class RabbitOutlet:
+    """RabbitMQ: events on the topic exchange, dead letters and delays through queues."""
+
+    transport: Transport = "rabbit"
+
+    def __init__(self, broker: RabbitBroker, events: dict[str, RabbitPublisher]) -> None:
+        self.broker = broker
+        self.events = events
+
+    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
+        raw = msg.raw_message
+        headers = _text_headers(dict(raw.headers or {}))
+        body: bytes = raw.body
+        message_id, correlation_id = pick_ids(
+            headers, raw.message_id, raw.correlation_id, source, body
+        )
+        if raw.content_type:
+            headers.setdefault("content-type", raw.content_type)
+        return Envelope(
+            transport="rabbit",
+            source=source,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            body=body,
+            headers=headers,
+            attempt=parse_attempt(headers.get(names.H_ATTEMPTS)),
+        )
+
+    async def publish_event(self, event: Event) -> None:
+        await self.events[event.TYPE].publish(
+            event,
+            routing_key=event.TYPE,
+            persist=True,
+            message_id=event.event_id,
+            correlation_id=event.correlation_id,
+            headers={names.H_EVENT_TYPE: event.TYPE, names.H_MESSAGE_ID: event.message_id},
+        )
+
+    async def _publish_raw(self, env: Envelope, exchange: str, routing_key: str, headers: dict[str, str]) -> None:
+        await self.broker.publish(
+            env.body,
+            exchange=exchange or None,
+            routing_key=routing_key,
+            persist=True,
+            message_id=env.message_id,
+            correlation_id=env.correlation_id,
+            content_type=env.headers.get("content-type") or "application/octet-stream",
+            headers={**env.headers, **headers},
+        )
+
+    async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
+        await self._publish_raw(env, "", names.dlq(env.source), headers)
+
+    async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
+        await self._publish_raw(
+            env,
+            topology.delay_exchange(topology.DELAY_LEVELS - 1).name,
+            topology.delay_routing_key(delay, env.source),
+            headers,
+        )
+
+
+class RedisOutlet:
+    """Redis Streams: events on stream `events`, dead letters verbatim in `<stream>.dlq`."""
+
+    transport: Transport = "redis"
+
+    def __init__(self, broker: RedisBroker, events: RedisPublisher, client: aioredis.Redis) -> None:
+        self.broker = broker
+        self.events = events
+        self.client = client
+
+    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
+        raw = msg.raw_message
+        fields: dict[bytes, bytes] = dict(raw["data"])
+        entry_ids = raw.get("message_ids") or []
+        entry_id = entry_ids[0].decode() if entry_ids else None
+        data = fields.get(DATA_KEY)
+        if data is not None:
+            body, envelope_headers = BinaryMessageFormatV1.parse(data)
+            headers = _text_headers(envelope_headers)
+        else:
+            # A plain entry written by a non-FastStream producer: its fields are the message.
+            body, headers = b"", {}
+            headers.update({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                            for k, v in fields.items()})
+        native_id = headers.get("message_id")
+        message_id, correlation_id = pick_ids(
+            headers, native_id, headers.get("correlation_id"), source, data or repr(sorted(fields.items())).encode()
+        )
+        return Envelope(
+            transport="redis",
+            source=source,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            body=body,
+            headers=headers,
+            attempt=parse_attempt(headers.get(names.H_ATTEMPTS)),
+            fields=fields,
+            entry_id=entry_id,
+        )
+
+    async def publish_event(self, event: Event) -> None:
+        await self.events.publish(
+            event,
+            correlation_id=event.correlation_id,
+            headers={
+                names.H_EVENT_TYPE: event.TYPE,
+                names.H_MESSAGE_ID: event.message_id,
+                "message_id": event.event_id,
+            },
+        )
+
+    async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
+        # The entry's own fields go in untouched; the failure headers ride beside them.
+        entry: dict[bytes | str, bytes | str] = dict(env.fields or {})
+        entry.update(headers)
+        await self.client.xadd(names.dlq(env.source), entry)  # type: ignore[arg-type]
+
+    async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
+        raise NotImplementedError("Redis retries arrive with the scheduler")

@@ -1,0 +1,97 @@
+"""The routing table: which subscriber feeds which handler, on which broker, publishing where.
+
+| command            | RabbitMQ queue (exchange `tasks`) | Redis stream (group)          | handler                 |
+|--------------------|-----------------------------------|-------------------------------|-------------------------|
+| SendEmail          | `email`                           | `email` (`email-workers`)     | handlers.email          |
+| RequestCompletion  | `ai.completion`                   | `ai.completion` (`ai-workers`)| handlers.completion     |
+
+Every handler's outcome goes to `events` on the broker the command came from.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from faststream import Context
+from faststream.rabbit import Channel, RabbitBroker
+from faststream.redis import RedisBroker, StreamSub
+
+from handlers import completion, email
+from schemas import RequestCompletion, SendEmail
+from streams import names, topology
+from streams.deps import MailerDep, ModelDep
+from streams.flows import COMPLETION, EMAIL
+from streams.middleware import DELIVERY_KEY
+from streams.parsing import tolerant_redis_parser
+from streams.pipeline import Delivery, Pipeline
+from streams.settings import Settings
+
+CurrentDelivery = Annotated[Delivery, Context(DELIVERY_KEY)]
+
+# The AsyncAPI document shows this placeholder; each process takes a unique name at start-up.
+CONSUMER_PLACEHOLDER = "worker"
+
+
+def register(
+    rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, settings: Settings
+) -> dict[str, Any]:
+    """Subscribe every flow on both brokers; returns the subscribers by `broker:queue` name."""
+    channel = Channel(prefetch_count=settings.rabbit_prefetch)
+    limit = settings.delivery_limit
+
+    def stream(name: str, group: str) -> StreamSub:
+        return StreamSub(
+            name, group=group, consumer=CONSUMER_PLACEHOLDER,
+            max_records=settings.redis_read_count, polling_interval=settings.redis_polling_ms,
+        )
+
+    rabbit_send_email_sub = rabbit.subscriber(
+        topology.command_queue(names.EMAIL_QUEUE, limit), topology.TASKS, channel=channel,
+        title="email:SendEmail", description="Send an e-mail; answers `email.sent` or `email.failed`.",
+    )
+
+    @rabbit_send_email_sub
+    async def rabbit_send_email(cmd: SendEmail, mailer: MailerDep, delivery: CurrentDelivery) -> None:
+        await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
+
+    rabbit_complete_sub = rabbit.subscriber(
+        topology.command_queue(names.COMPLETION_QUEUE, limit), topology.TASKS, channel=channel,
+        title="ai.completion:RequestCompletion",
+        description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
+    )
+
+    @rabbit_complete_sub
+    async def rabbit_complete(cmd: RequestCompletion, model: ModelDep, delivery: CurrentDelivery) -> None:
+        await pipeline.run(
+            delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
+        )
+
+    redis_send_email_sub = redis.subscriber(
+        stream=stream(names.EMAIL_STREAM, names.EMAIL_GROUP), parser=tolerant_redis_parser,
+        max_workers=settings.redis_max_workers,
+        title="email:SendEmail:redis", description="Send an e-mail; answers `email.sent` or `email.failed`.",
+    )
+
+    @redis_send_email_sub
+    async def redis_send_email(cmd: SendEmail, mailer: MailerDep, delivery: CurrentDelivery) -> None:
+        await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
+
+    redis_complete_sub = redis.subscriber(
+        stream=stream(names.COMPLETION_STREAM, names.COMPLETION_GROUP), parser=tolerant_redis_parser,
+        max_workers=settings.redis_max_workers,
+        title="ai.completion:RequestCompletion:redis",
+        description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
+    )
+
+    @redis_complete_sub
+    async def redis_complete(cmd: RequestCompletion, model: ModelDep, delivery: CurrentDelivery) -> None:
+        await pipeline.run(
+            delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
+        )
+
+    return {
+        f"rabbit:{names.EMAIL_QUEUE}": rabbit_send_email_sub,
+        f"rabbit:{names.COMPLETION_QUEUE}": rabbit_complete_sub,
+        f"redis:{names.EMAIL_STREAM}": redis_send_email_sub,
+        f"redis:{names.COMPLETION_STREAM}": redis_complete_sub,
+    }

@@ -1,0 +1,110 @@
+"""The one settings class: environment variables with the `PIPELINE_` prefix, `.env` supported."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, HttpUrl, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_URL_SCHEMES = {
+    "rabbit_url": ("amqp", "amqps"),
+    "redis_url": ("redis", "rediss", "unix"),
+}
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by `***`, safe for logs, health and docs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class Settings(BaseSettings):
+    """Pipeline configuration, validated at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    rabbit_url: str = "amqp://guest:guest@localhost:5672/"
+    redis_url: str = "redis://localhost:6379/0"
+    database_url: str = "sqlite+aiosqlite:///./pipeline.db"
+
+    mailer: Literal["log", "http"] = "log"
+    mailer_url: HttpUrl | None = None
+    mailer_api_key: SecretStr | None = None
+    mailer_timeout: float = Field(10.0, gt=0)
+
+    llm: Literal["echo", "openai"] = "echo"
+    llm_url: HttpUrl | None = None
+    llm_api_key: SecretStr | None = None
+    llm_timeout: float = Field(60.0, gt=0)
+
+    retry_max_attempts: int = Field(5, ge=1, le=100)
+    retry_base_delay: float = Field(1.0, gt=0)
+    retry_max_delay: float = Field(300.0, gt=0, le=65_535)
+    retry_max_age: float = Field(86_400.0, gt=0)
+
+    delivery_limit: int = Field(5, ge=1, le=1_000)
+    consumer_name: str | None = None
+
+    max_body_bytes: int = Field(1_048_576, ge=1)
+    alert_url: HttpUrl | None = None
+
+    rabbit_prefetch: int = Field(64, ge=1, le=65_535)
+    redis_read_count: int = Field(64, ge=1, le=10_000)
+    redis_max_workers: int = Field(16, ge=1, le=1_000)
+    redis_polling_ms: int = Field(100, ge=1)
+
+    service_name: str = "pipeline"
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    graceful_timeout: float = Field(20.0, gt=0)
+
+    @field_validator("rabbit_url", "redis_url")
+    @classmethod
+    def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
+        name = info.field_name or ""
+        scheme = urlsplit(value).scheme
+        allowed = _URL_SCHEMES.get(name, ())
+        if scheme not in allowed:
+            raise ValueError(f"scheme {scheme!r} is not one of {', '.join(allowed)}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.mailer == "http" and self.mailer_url is None:
+            raise ValueError("PIPELINE_MAILER=http needs PIPELINE_MAILER_URL")
+        if self.llm == "openai" and self.llm_url is None:
+            raise ValueError("PIPELINE_LLM=openai needs PIPELINE_LLM_URL")
+        if self.retry_max_delay < self.retry_base_delay:
+            raise ValueError("PIPELINE_RETRY_MAX_DELAY must be >= PIPELINE_RETRY_BASE_DELAY")
+        return self
+
+    def safe_dump(self) -> dict[str, object]:
+        """Settings as shown to operators: URLs masked, secrets hidden."""
+        data = self.model_dump(mode="json")
+        for key in ("rabbit_url", "redis_url", "database_url"):
+            data[key] = mask_url(str(data[key]))
+        return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
