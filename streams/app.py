@@ -56,13 +56,15 @@ redis = RedisBroker(
     middlewares=[RedisPrometheusMiddleware(registry=metrics.REGISTRY, app_name=settings.service_name)],
 )
 
-rabbit_events, redis_events = declare_publishers(rabbit, redis)
-rabbit_outlet = RabbitOutlet(rabbit, rabbit_events)
-redis_outlet = RedisOutlet(redis, redis_events, redis_client)
+publishers = declare_publishers(rabbit, redis)
+rabbit_outlet = RabbitOutlet(rabbit, publishers.rabbit_events, publishers.rabbit_dead_letters)
+redis_outlet = RedisOutlet(redis, publishers.redis_events, redis_client)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
-rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet))
-redis.add_middleware(make_middleware(pipeline, redis_outlet))
+rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topology.COMMAND_QUEUES)))
+redis.add_middleware(
+    make_middleware(pipeline, redis_outlet, frozenset(s for s, _ in topology.COMMAND_STREAMS))
+)
 
 subscribers = register(rabbit, redis, pipeline, settings)
 

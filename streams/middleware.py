@@ -28,15 +28,17 @@ def source_of(handler: Any, fallback: str) -> str:
     return fallback
 
 
-def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
-    """A middleware class bound to one pipeline and one broker's outlet."""
+def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str]) -> type[BaseMiddleware]:
+    """A middleware class bound to one pipeline, one broker's outlet and its command queues or streams."""
 
     class PipelineMiddleware(BaseMiddleware):
         """Oversize check, ids into logs, and every failure classified once by the Pipeline."""
 
         async def consume_scope(self, call_next: AsyncFuncAny, msg: StreamMessage[Any]) -> Any:
-            handler = self.context.get_local("handler_")
-            env = outlet.envelope(msg, source_of(handler, fallback="unknown"))
+            source = source_of(self.context.get_local("handler_"), fallback="")
+            if source not in sources:  # not a command subscriber: nothing to wrap
+                return await call_next(msg)
+            env = outlet.envelope(msg, source)
             delivery = Delivery(env)
             bind_message(env.message_id, env.correlation_id, env.source)
             try:

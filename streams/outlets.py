@@ -50,9 +50,12 @@ class RabbitOutlet:
 
     transport: Transport = "rabbit"
 
-    def __init__(self, broker: RabbitBroker, events: dict[str, RabbitPublisher]) -> None:
+    def __init__(
+        self, broker: RabbitBroker, events: dict[str, RabbitPublisher], dead_letters: dict[str, RabbitPublisher]
+    ) -> None:
         self.broker = broker
         self.events = events
+        self.dead_letters = dead_letters
 
     def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
         raw = msg.raw_message
@@ -83,27 +86,26 @@ class RabbitOutlet:
             headers={names.H_EVENT_TYPE: event.TYPE, names.H_MESSAGE_ID: event.message_id},
         )
 
-    async def _publish_raw(self, env: Envelope, exchange: str, routing_key: str, headers: dict[str, str]) -> None:
-        await self.broker.publish(
-            env.body,
-            exchange=exchange or None,
-            routing_key=routing_key,
-            persist=True,
-            message_id=env.message_id,
-            correlation_id=env.correlation_id,
-            content_type=env.headers.get("content-type") or "application/octet-stream",
-            headers={**env.headers, **headers},
-        )
+    @staticmethod
+    def _properties(env: Envelope, headers: dict[str, str]) -> dict[str, Any]:
+        """The original message's properties, with `headers` laid over its headers."""
+        return {
+            "persist": True,
+            "message_id": env.message_id,
+            "correlation_id": env.correlation_id,
+            "content_type": env.headers.get("content-type") or "application/octet-stream",
+            "headers": {**env.headers, **headers},
+        }
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
-        await self._publish_raw(env, "", names.dlq(env.source), headers)
+        await self.dead_letters[env.source].publish(env.body, **self._properties(env, headers))
 
     async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
-        await self._publish_raw(
-            env,
-            topology.delay_exchange(topology.DELAY_LEVELS - 1).name,
-            topology.delay_routing_key(delay, env.source),
-            headers,
+        await self.broker.publish(
+            env.body,
+            exchange=topology.delay_exchange(topology.DELAY_LEVELS - 1).name,
+            routing_key=topology.delay_routing_key(delay, env.source),
+            **self._properties(env, headers),
         )
 
 
@@ -132,8 +134,10 @@ class RedisOutlet:
             headers.update({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
                             for k, v in fields.items()})
         native_id = headers.get("message_id")
+        # Without any id, the entry id is the stable identity of this message on this stream.
+        identity = f"{entry_id}".encode() if entry_id else (body or repr(sorted(fields.items())).encode())
         message_id, correlation_id = pick_ids(
-            headers, native_id, headers.get("correlation_id"), source, data or repr(sorted(fields.items())).encode()
+            headers, native_id, headers.get("correlation_id"), source, identity
         )
         return Envelope(
             transport="redis",

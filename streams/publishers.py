@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher.usecase import RabbitPublisher
 from faststream.redis import RedisBroker
@@ -23,8 +25,26 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 )
 
 
-def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> tuple[dict[str, RabbitPublisher], RedisPublisher]:
-    """One RabbitMQ publisher per event type (its routing key), one Redis publisher for stream `events`."""
+DEAD_LETTER_DOC = (
+    "Dead letters of `{source}`: the original body, untouched, with headers x-failure-kind "
+    "(invalid | exhausted | fatal | poison), x-exception-type, x-exception-message, "
+    "x-exception-stacktrace (bounded), x-original-queue, x-attempts, x-first-failure-at, "
+    "x-last-failure-at, message-id, correlation-id."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Publishers:
+    """Every publisher the pipeline uses, by role."""
+
+    rabbit_events: dict[str, RabbitPublisher]
+    rabbit_dead_letters: dict[str, RabbitPublisher]
+    redis_events: RedisPublisher
+    redis_dead_letters: dict[str, RedisPublisher]
+
+
+def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
+    """Outcome events per type and dead-letter channels per source, on both brokers."""
     rabbit_events = {
         cls.TYPE: rabbit.publisher(
             exchange=topology.EVENTS,
@@ -42,4 +62,26 @@ def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> tuple[dict[s
         description="Every outcome event; header `event-type` names it.",
         schema=OutcomeEvent,
     )
-    return rabbit_events, redis_events
+    rabbit_dead_letters = {
+        name: rabbit.publisher(
+            queue=topology.dead_letter_queue(name),
+            persist=True,
+            title=f"{names.dlq(name)}:dead-letter",
+            description=DEAD_LETTER_DOC.format(source=name),
+            schema=bytes,
+        )
+        for name in topology.COMMAND_QUEUES
+    }
+    # Redis dead letters are written with XADD (the entry's fields verbatim plus the failure
+    # fields); these publishers document the channels.
+    redis_dead_letters = {
+        stream: redis.publisher(
+            stream=names.dlq(stream),
+            title=f"{names.dlq(stream)}:dead-letter:redis",
+            description=DEAD_LETTER_DOC.format(source=stream)
+            + " The entry keeps the original fields verbatim; the headers are extra fields.",
+            schema=bytes,
+        )
+        for stream, _ in topology.COMMAND_STREAMS
+    }
+    return Publishers(rabbit_events, rabbit_dead_letters, redis_events, redis_dead_letters)

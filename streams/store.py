@@ -115,7 +115,9 @@ def fold_task(task_id: str, history: Sequence[StoredEvent]) -> TaskView:
         elif ev.type == "completion.failed":
             status, reason = "failed", ev.data.get("reason")
         elif ev.type == "message.dead_lettered":
-            status = "dead-lettered" if status not in {"succeeded"} else status
+            # A valid command that failed for good is `failed` (and parked); otherwise parked.
+            if status not in {"succeeded", "failed"}:
+                status = "dead-lettered"
             reason = reason or ev.data.get("exception_message")
     return TaskView(task_id, status, result, reason, len(history))
 

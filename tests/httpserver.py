@@ -12,6 +12,7 @@ every request gets `default`. Bare ints in a script are statuses, so "503 twice 
 
 A response with `delay` sleeps before answering (to provoke client timeouts); stopping the server
 cuts such sleeps short. Reading `requests` or calling `wait_for_requests` is thread-safe.
+Request bodies are read by Content-Length (what httpx sends for `json=`); chunked bodies are not.
 """
 
 from __future__ import annotations

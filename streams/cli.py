@@ -1,0 +1,357 @@
+"""`pipeline`: the operator's command line (Typer).
+
+`pipeline send email|completion ...` validates a command with the same Pydantic models the
+workers use, then publishes it to RabbitMQ (exchange `tasks`) or Redis Streams, exactly as a
+producer should: persistent, confirmed, with a message id (the idempotency key) and a
+correlation id. The message id is the only thing written to stdout, so scripts can capture it:
+
+    MID=$(pipeline send email --to ada@example.com --subject Hi --body Hello)
+
+Everything else (where it went, how to watch the outcome, errors) goes to stderr.
+Exit codes: 0 published, 1 broker unreachable or refused the message, 2 invalid input or
+settings (nothing is published).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from schemas import Command, RequestCompletion, SendEmail
+from streams import names
+from streams.settings import Settings, get_settings, mask_url
+
+CONTENT_TYPE = "application/json"
+DEFAULT_TIMEOUT = 10.0
+EXIT_UNAVAILABLE = 1
+EXIT_INVALID = 2
+_ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII: fits AMQP shortstr and any header
+_QUIET_LOGGERS = ("aiormq", "aio_pika", "faststream")
+
+C = TypeVar("C", SendEmail, RequestCompletion)
+
+
+class Broker(StrEnum):
+    """Where a command is published."""
+
+    rabbit = "rabbit"
+    redis = "redis"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one command type goes on each broker, and which events answer it."""
+
+    routing_key: str  # on exchange `tasks`
+    stream: str
+    outcomes: tuple[str, str]
+
+
+ROUTES: dict[type[SendEmail] | type[RequestCompletion], Route] = {
+    SendEmail: Route(names.EMAIL_QUEUE, names.EMAIL_STREAM, (names.EMAIL_SENT, names.EMAIL_FAILED)),
+    RequestCompletion: Route(
+        names.COMPLETION_QUEUE,
+        names.COMPLETION_STREAM,
+        (names.COMPLETION_SUCCEEDED, names.COMPLETION_FAILED),
+    ),
+}
+
+
+class PublishError(Exception):
+    """The broker could not be reached or did not take the message; the text is shown as is."""
+
+
+app = typer.Typer(
+    name="pipeline",
+    help="Operate the message pipeline: publish commands to RabbitMQ or Redis Streams.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+send_app = typer.Typer(
+    help="Validate a command and publish it (prints the message id on stdout).",
+    no_args_is_help=True,
+)
+app.add_typer(send_app, name="send")
+
+
+# --- publishing ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_client_logs() -> Iterator[None]:
+    """Keep the client libraries' own error logs (and tracebacks) off the terminal."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _headers(message_id: str, correlation_id: str) -> dict[str, Any]:
+    return {names.H_MESSAGE_ID: message_id, names.H_CORRELATION_ID: correlation_id}
+
+
+async def _publish_rabbit(
+    url: str, route: Route, payload: dict[str, Any], message_id: str, correlation_id: str, timeout: float
+) -> str:
+    import aiormq
+    from faststream.rabbit import RabbitBroker
+
+    where = f"exchange {names.TASKS_EXCHANGE!r}, routing key {route.routing_key!r} on {mask_url(url)}"
+    try:
+        async with RabbitBroker(url, timeout=timeout, logger=None) as broker:
+            # Publisher confirms are on by default; the exchange is declared passively (the
+            # worker owns the topology), and `mandatory` makes an unroutable message come back.
+            result = await broker.publish(
+                payload,
+                exchange=names.TASKS_EXCHANGE,
+                routing_key=route.routing_key,
+                mandatory=True,
+                persist=True,
+                timeout=timeout,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                content_type=CONTENT_TYPE,
+                headers=_headers(message_id, correlation_id),
+            )
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise PublishError(
+            f"RabbitMQ at {mask_url(url)} has no exchange {names.TASKS_EXCHANGE!r} ({exc}): "
+            "start the worker once, it declares the topology"
+        ) from exc
+    except aiormq.exceptions.ProbableAuthenticationError as exc:
+        raise PublishError(f"RabbitMQ at {mask_url(url)} refused the credentials: {exc}") from exc
+    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+        raise PublishError(f"cannot publish to RabbitMQ at {mask_url(url)}: {_reason(exc)}") from exc
+    if isinstance(result, aiormq.abc.DeliveredMessage):  # basic.return: no queue is bound
+        raise PublishError(
+            f"RabbitMQ returned the message: no queue is bound to {where}; start the worker once, "
+            "it declares the topology"
+        )
+    return f"{where} (persistent, confirmed)"
+
+
+async def _publish_redis(
+    url: str, route: Route, payload: dict[str, Any], message_id: str, correlation_id: str, timeout: float
+) -> str:
+    from faststream.redis import RedisBroker
+    from redis.exceptions import RedisError
+
+    headers = {**_headers(message_id, correlation_id), "message_id": message_id}
+    try:
+        async with RedisBroker(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            logger=None,  # type: ignore[arg-type]  # None turns FastStream's logging off, as on Rabbit
+        ) as broker:
+            entry_id = await broker.publish(
+                payload, stream=route.stream, headers=headers, correlation_id=correlation_id
+            )
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise PublishError(f"cannot publish to Redis at {mask_url(url)}: {_reason(exc)}") from exc
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return f"stream {route.stream!r} (entry {entry}) on {mask_url(url)}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or repr(exc.__context__ or exc)
+    return " ".join(text.split())  # one line
+
+
+def publish(
+    broker: Broker,
+    command: Command,
+    *,
+    message_id: str,
+    correlation_id: str,
+    settings: Settings,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str:
+    """Publish one validated command; return where it went. Raises `PublishError`."""
+    route = ROUTES[type(command)]
+    payload = command.model_dump(mode="json")
+    with _quiet_client_logs():
+        if broker is Broker.rabbit:
+            coro = _publish_rabbit(settings.rabbit_url, route, payload, message_id, correlation_id, timeout)
+        else:
+            coro = _publish_redis(settings.redis_url, route, payload, message_id, correlation_id, timeout)
+        try:
+            return asyncio.run(asyncio.wait_for(coro, timeout * 3))
+        except TimeoutError as exc:
+            raise PublishError(f"publishing to {broker.value} timed out after {timeout * 3:g}s") from exc
+
+
+# --- shared option handling ---------------------------------------------------------------------
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _text(value: str) -> str:
+    """`-` means: read the text from stdin."""
+    return sys.stdin.read() if value == "-" else value
+
+
+def _validated(model: type[C], fields: dict[str, Any]) -> C:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(command)"
+            option = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else model.__name__
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            typer.echo(
+                f"error: invalid {option} (field {field!r} of {model.__name__}): {err['msg']} [got {shown}]",
+                err=True,
+            )
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def _ids(message_id: str | None, correlation_id: str | None) -> tuple[str, str]:
+    mid = message_id if message_id is not None else str(uuid.uuid4())
+    cid = correlation_id if correlation_id is not None else mid
+    for option, value in (("--message-id", mid), ("--correlation-id", cid)):
+        if not _ID_PATTERN.match(value):
+            _fail(f"invalid {option}: use 1 to 255 visible ASCII characters, no spaces [got {value!r}]", EXIT_INVALID)
+    return mid, cid
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PIPELINE_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        _fail(f"invalid settings: {problems}", EXIT_INVALID)
+
+
+def _send(
+    command: SendEmail | RequestCompletion,
+    broker: Broker,
+    message_id: str | None,
+    correlation_id: str | None,
+    timeout: float,
+) -> None:
+    mid, cid = _ids(message_id, correlation_id)
+    settings = _settings()
+    size = len(command.model_dump_json().encode())
+    if size > settings.max_body_bytes:
+        _fail(
+            f"the command is {size} bytes, over PIPELINE_MAX_BODY_BYTES={settings.max_body_bytes}: "
+            "the workers would dead-letter it",
+            EXIT_INVALID,
+        )
+    try:
+        where = publish(broker, command, message_id=mid, correlation_id=cid, settings=settings, timeout=timeout)
+    except PublishError as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
+    route = ROUTES[type(command)]
+    typer.echo(mid)
+    typer.echo(f"published {type(command).__name__} to {where}", err=True)
+    typer.echo(f"message id {mid}, correlation id {cid}", err=True)
+    if isinstance(command, RequestCompletion):
+        typer.echo(f"task id {command.task_id}", err=True)
+    outcome = " or ".join(route.outcomes)
+    if broker is Broker.rabbit:
+        watch = (
+            f"watch for {outcome} with message_id {mid} on topic exchange {names.EVENTS_EXCHANGE!r} "
+            f"(bind a queue with routing key {route.outcomes[0].split('.')[0]}.#); "
+            f"dead letters land in queue {names.dlq(route.routing_key)!r}"
+        )
+    else:
+        watch = (
+            f"watch for {outcome} with message_id {mid} on stream {names.EVENTS_STREAM!r} "
+            f"(redis-cli XREVRANGE {names.EVENTS_STREAM} + - COUNT 20); "
+            f"dead letters land on stream {names.dlq(route.stream)!r}"
+        )
+    typer.echo(f"hint: {watch}", err=True)
+
+
+BrokerOpt = Annotated[
+    Broker, typer.Option("--broker", "-b", help="Publish to RabbitMQ (exchange `tasks`) or Redis Streams.")
+]
+MessageIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--message-id",
+        help="Idempotency key (default: a new uuid4). Re-sending the same id has no second effect.",
+    ),
+]
+CorrelationIdOpt = Annotated[
+    str | None, typer.Option("--correlation-id", help="Correlation id (default: the message id).")
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", min=0.1, help="Seconds to wait for the connection and the broker's confirm."),
+]
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@send_app.command("email")
+def send_email(
+    to: Annotated[str, typer.Option("--to", help="Recipient address.")],
+    subject: Annotated[str, typer.Option("--subject", help="Subject line (one line).")],
+    body: Annotated[str, typer.Option("--body", help="Plain-text body; `-` reads it from stdin.")],
+    template: Annotated[
+        str | None, typer.Option("--template", help="Template name the mail provider renders.")
+    ] = None,
+    broker: BrokerOpt = Broker.rabbit,
+    message_id: MessageIdOpt = None,
+    correlation_id: CorrelationIdOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Publish a SendEmail command (answered by email.sent or email.failed)."""
+    fields: dict[str, Any] = {"to": to, "subject": subject, "body": _text(body), "template": template}
+    command = _validated(SendEmail, fields)
+    _send(command, broker, message_id, correlation_id, timeout)
+
+
+@send_app.command("completion")
+def send_completion(
+    prompt: Annotated[str, typer.Option("--prompt", help="The user prompt; `-` reads it from stdin.")],
+    model: Annotated[
+        str, typer.Option("--model", help="Model name; `echo` is the built-in deterministic model.")
+    ] = "echo",
+    task_id: Annotated[
+        str | None, typer.Option("--task-id", help="Task id to track the result under (default: a new uuid4).")
+    ] = None,
+    broker: BrokerOpt = Broker.rabbit,
+    message_id: MessageIdOpt = None,
+    correlation_id: CorrelationIdOpt = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Publish a RequestCompletion command (answered by completion.succeeded or completion.failed)."""
+    fields: dict[str, Any] = {
+        "task_id": task_id if task_id is not None else str(uuid.uuid4()),
+        "prompt": _text(prompt),
+        "model": model,
+    }
+    command = _validated(RequestCompletion, fields)
+    _send(command, broker, message_id, correlation_id, timeout)
+
+
+if __name__ == "__main__":
+    app()

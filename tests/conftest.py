@@ -1,0 +1,66 @@
+"""Shared fixtures: a throwaway SQLite store for the app, fake side effects, and server checks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The app reads its settings once, at import: point it at a scratch database first.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="pipeline-tests-"))
+os.environ.setdefault("PIPELINE_DATABASE_URL", f"sqlite+aiosqlite:///{_SCRATCH / 'unit.db'}")
+os.environ.setdefault("PIPELINE_LOG_FORMAT", "console")
+
+SERVICES = {"rabbitmq": ("127.0.0.1", 5672), "redis": ("127.0.0.1", 6379), "postgresql": ("127.0.0.1", 5432)}
+
+
+def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require(*services: str) -> None:
+    """Skip when a server is down; in CI (`CI=true`) that is a failure instead."""
+    down = [s for s in services if not answers(*SERVICES[s])]
+    if not down:
+        return
+    message = f"server(s) not answering: {', '.join(down)}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class RecordingRedis:
+    """Stands in for the raw Redis client in memory tests: records XADDs."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, dict[Any, Any]]] = []
+
+    async def xadd(self, name: str, fields: dict[Any, Any], **_: Any) -> bytes:
+        self.added.append((name, dict(fields)))
+        return b"0-1"
+
+
+@pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    """A fresh temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+async def app_store() -> AsyncIterator[Any]:
+    """The app's event store, with its tables created."""
+    from streams import app as app_module
+
+    await app_module.store.start()
+    yield app_module.store
