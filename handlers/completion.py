@@ -6,9 +6,7 @@ from handlers.ports import CompletionModel
 from schemas import CompletionSucceeded, MessageContext, RequestCompletion
 
 
-async def complete(
-    cmd: RequestCompletion, ctx: MessageContext, model: CompletionModel
-) -> CompletionSucceeded:
+async def complete(cmd: RequestCompletion, ctx: MessageContext, model: CompletionModel) -> CompletionSucceeded:
     """Run the prompt through the model named in the command."""
     answer = await model.complete(cmd.prompt, model=cmd.model, idempotency_key=ctx.message_id)
     return CompletionSucceeded(

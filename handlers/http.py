@@ -10,9 +10,7 @@ from handlers.errors import DeliveryRejectedError, DependencyUnavailableError
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 
 
-async def post_json(
-    client: httpx.AsyncClient, url: str, payload: object, headers: dict[str, str]
-) -> httpx.Response:
+async def post_json(client: httpx.AsyncClient, url: str, payload: object, headers: dict[str, str]) -> httpx.Response:
     """POST JSON; 2xx returns, 4xx raises DeliveryRejectedError, the rest DependencyUnavailableError."""
     try:
         response = await client.post(url, json=payload, headers=headers)

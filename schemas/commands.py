@@ -17,8 +17,7 @@ class SendEmail(Message):
 
     to: EmailStr = Field(description="Recipient address.", examples=["ada@example.com"])
     subject: Annotated[str, Field(min_length=1, max_length=998, pattern=r"^[^\r\n]*$")] = Field(
-        description="Subject line: one line (no CR/LF, so no header injection), at most 998 characters "
-        "(RFC 5322).",
+        description="Subject line: one line (no CR/LF, so no header injection), at most 998 characters (RFC 5322).",
         examples=["Welcome"],
     )
     body: Annotated[str, Field(max_length=MAX_BODY_CHARS)] = Field(

@@ -87,6 +87,4 @@ class MessageDeadLettered(Event):
     attempts: int = Field(ge=0)
 
 
-OutcomeEvent: TypeAlias = (
-    EmailSent | EmailFailed | CompletionSucceeded | CompletionFailed | MessageDeadLettered
-)
+OutcomeEvent: TypeAlias = EmailSent | EmailFailed | CompletionSucceeded | CompletionFailed | MessageDeadLettered

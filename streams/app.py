@@ -20,8 +20,8 @@ from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
-from streams import health, metrics, names, topology
-from streams.deps import Adapters, install
+from streams import health, metrics, topology
+from streams.deps import ADAPTERS, Adapters, install
 from streams.logging import configure_logging, get_logger
 from streams.middleware import make_middleware
 from streams.outlets import RabbitOutlet, RedisOutlet
@@ -62,9 +62,7 @@ redis_outlet = RedisOutlet(redis, publishers.redis_events, redis_client)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
 rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topology.COMMAND_QUEUES)))
-redis.add_middleware(
-    make_middleware(pipeline, redis_outlet, frozenset(s for s, _ in topology.COMMAND_STREAMS))
-)
+redis.add_middleware(make_middleware(pipeline, redis_outlet, frozenset(s for s, _ in topology.COMMAND_STREAMS)))
 
 subscribers = register(rabbit, redis, pipeline, settings)
 
@@ -93,8 +91,6 @@ async def on_startup() -> None:
 
 async def on_shutdown() -> None:
     """Close what on_startup opened, after the brokers stopped consuming."""
-    from streams.deps import ADAPTERS
-
     await ADAPTERS.close()
     await redis_client.aclose()
     await store.close()
@@ -123,9 +119,7 @@ app = AsgiFastStream(
     rabbit,
     redis,
     asgi_routes=[
-        *health.make_routes(
-            {"rabbitmq": _rabbit_ok, "redis": _redis_ok, "database": store.ping}, _subscribers
-        ),
+        *health.make_routes({"rabbitmq": _rabbit_ok, "redis": _redis_ok, "database": store.ping}, _subscribers),
         ("/metrics", metrics_endpoint),
     ],
     asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -19,7 +20,7 @@ def derive_message_id(source: str, body: bytes) -> str:
     return str(uuid.uuid5(_DERIVED_NS, source + ":" + hashlib.sha256(body).hexdigest()))
 
 
-def header_str(headers: dict[str, object], key: str) -> str | None:
+def header_str(headers: Mapping[str, object], key: str) -> str | None:
     """A header as text, whatever type the broker handed it in."""
     value = headers.get(key)
     if value is None:
@@ -66,14 +67,13 @@ class Envelope:
 
 
 def pick_ids(
-    headers: dict[str, object], native_message_id: str | None, native_correlation_id: str | None,
-    source: str, body: bytes,
+    headers: Mapping[str, object],
+    native_message_id: str | None,
+    native_correlation_id: str | None,
+    source: str,
+    body: bytes,
 ) -> tuple[str, str]:
     """Message id and correlation id: the broker's own, else the header, else derived."""
-    message_id = (
-        native_message_id
-        or header_str(headers, names.H_MESSAGE_ID)
-        or derive_message_id(source, body)
-    )
+    message_id = native_message_id or header_str(headers, names.H_MESSAGE_ID) or derive_message_id(source, body)
     correlation_id = native_correlation_id or header_str(headers, names.H_CORRELATION_ID) or message_id
     return message_id[:256], correlation_id[:256]

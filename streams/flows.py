@@ -16,15 +16,22 @@ from streams.pipeline import Flow
 
 def _email_failed(cmd: SendEmail, ctx: MessageContext, kind: FailureKind, reason: str) -> Event:
     return EmailFailed(
-        message_id=ctx.message_id, correlation_id=ctx.correlation_id, to=str(cmd.to),
-        reason=reason[:2000], failure_kind=kind,
+        message_id=ctx.message_id,
+        correlation_id=ctx.correlation_id,
+        to=str(cmd.to),
+        reason=reason[:2000],
+        failure_kind=kind,
     )
 
 
 def _completion_failed(cmd: RequestCompletion, ctx: MessageContext, kind: FailureKind, reason: str) -> Event:
     return CompletionFailed(
-        message_id=ctx.message_id, correlation_id=ctx.correlation_id, task_id=cmd.task_id,
-        model=cmd.model, reason=reason[:2000], failure_kind=kind,
+        message_id=ctx.message_id,
+        correlation_id=ctx.correlation_id,
+        task_id=cmd.task_id,
+        model=cmd.model,
+        reason=reason[:2000],
+        failure_kind=kind,
     )
 
 

@@ -16,9 +16,7 @@ CHECK_TIMEOUT = 3.0
 
 
 def _json(status_code: int, body: dict[str, Any]) -> AsgiResponse:
-    return AsgiResponse(
-        json.dumps(body).encode(), status_code, headers={"content-type": "application/json"}
-    )
+    return AsgiResponse(json.dumps(body).encode(), status_code, headers={"content-type": "application/json"})
 
 
 async def _run(check: Check) -> bool:

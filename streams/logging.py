@@ -40,9 +40,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         _scrub,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_lines
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -79,9 +77,7 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
 
 def bind_message(message_id: str, correlation_id: str, source: str) -> None:
     """Bind the ids of the message being handled to every log line of this task."""
-    structlog.contextvars.bind_contextvars(
-        message_id=message_id, correlation_id=correlation_id, queue=source
-    )
+    structlog.contextvars.bind_contextvars(message_id=message_id, correlation_id=correlation_id, queue=source)
 
 
 def unbind_message() -> None:

@@ -42,9 +42,7 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
             delivery = Delivery(env)
             bind_message(env.message_id, env.correlation_id, env.source)
             try:
-                size = len(env.body) if env.fields is None else sum(
-                    len(k) + len(v) for k, v in env.fields.items()
-                )
+                size = len(env.body) if env.fields is None else sum(len(k) + len(v) for k, v in env.fields.items())
                 if size > pipeline.settings.max_body_bytes:
                     await pipeline.reject_invalid(
                         delivery, f"body of {size} bytes exceeds {pipeline.settings.max_body_bytes}"

@@ -61,9 +61,7 @@ class RabbitOutlet:
         raw = msg.raw_message
         headers = _text_headers(dict(raw.headers or {}))
         body: bytes = raw.body
-        message_id, correlation_id = pick_ids(
-            headers, raw.message_id, raw.correlation_id, source, body
-        )
+        message_id, correlation_id = pick_ids(headers, raw.message_id, raw.correlation_id, source, body)
         if raw.content_type:
             headers.setdefault("content-type", raw.content_type)
         return Envelope(
@@ -131,14 +129,11 @@ class RedisOutlet:
         else:
             # A plain entry written by a non-FastStream producer: its fields are the message.
             body, headers = b"", {}
-            headers.update({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
-                            for k, v in fields.items()})
+            headers.update({k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()})
         native_id = headers.get("message_id")
         # Without any id, the entry id is the stable identity of this message on this stream.
         identity = f"{entry_id}".encode() if entry_id else (body or repr(sorted(fields.items())).encode())
-        message_id, correlation_id = pick_ids(
-            headers, native_id, headers.get("correlation_id"), source, identity
-        )
+        message_id, correlation_id = pick_ids(headers, native_id, headers.get("correlation_id"), source, identity)
         return Envelope(
             transport="redis",
             source=source,
@@ -164,8 +159,8 @@ class RedisOutlet:
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
         # The entry's own fields go in untouched; the failure headers ride beside them.
-        entry: dict[bytes | str, bytes | str] = dict(env.fields or {})
-        entry.update(headers)
+        entry: dict[bytes, bytes] = dict(env.fields or {})
+        entry.update({k.encode(): v.encode() for k, v in headers.items()})
         await self.client.xadd(names.dlq(env.source), entry)  # type: ignore[arg-type]
 
     async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:

@@ -54,9 +54,7 @@ class Pipeline:
         """Use `outlet` for messages of its transport."""
         self.outlets[outlet.transport] = outlet
 
-    async def run(
-        self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]
-    ) -> None:
+    async def run(self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]) -> None:
         """Run the handler of a decoded command and record its outcome."""
         delivery.command = cmd
         delivery.flow = flow  # type: ignore[assignment]  # Flow is invariant; C is a Command

@@ -21,7 +21,11 @@ from schemas import (
 from streams import names, topology
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    EmailSent, EmailFailed, CompletionSucceeded, CompletionFailed, MessageDeadLettered,
+    EmailSent,
+    EmailFailed,
+    CompletionSucceeded,
+    CompletionFailed,
+    MessageDeadLettered,
 )
 
 

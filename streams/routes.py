@@ -32,22 +32,26 @@ CurrentDelivery = Annotated[Delivery, Context(DELIVERY_KEY)]
 CONSUMER_PLACEHOLDER = "worker"
 
 
-def register(
-    rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, settings: Settings
-) -> dict[str, Any]:
+def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, settings: Settings) -> dict[str, Any]:
     """Subscribe every flow on both brokers; returns the subscribers by `broker:queue` name."""
     channel = Channel(prefetch_count=settings.rabbit_prefetch)
     limit = settings.delivery_limit
 
     def stream(name: str, group: str) -> StreamSub:
         return StreamSub(
-            name, group=group, consumer=CONSUMER_PLACEHOLDER,
-            max_records=settings.redis_read_count, polling_interval=settings.redis_polling_ms,
+            name,
+            group=group,
+            consumer=CONSUMER_PLACEHOLDER,
+            max_records=settings.redis_read_count,
+            polling_interval=settings.redis_polling_ms,
         )
 
     rabbit_send_email_sub = rabbit.subscriber(
-        topology.command_queue(names.EMAIL_QUEUE, limit), topology.TASKS, channel=channel,
-        title="email:SendEmail", description="Send an e-mail; answers `email.sent` or `email.failed`.",
+        topology.command_queue(names.EMAIL_QUEUE, limit),
+        topology.TASKS,
+        channel=channel,
+        title="email:SendEmail",
+        description="Send an e-mail; answers `email.sent` or `email.failed`.",
     )
 
     @rabbit_send_email_sub
@@ -55,7 +59,9 @@ def register(
         await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
 
     rabbit_complete_sub = rabbit.subscriber(
-        topology.command_queue(names.COMPLETION_QUEUE, limit), topology.TASKS, channel=channel,
+        topology.command_queue(names.COMPLETION_QUEUE, limit),
+        topology.TASKS,
+        channel=channel,
         title="ai.completion:RequestCompletion",
         description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
     )
@@ -67,9 +73,11 @@ def register(
         )
 
     redis_send_email_sub = redis.subscriber(
-        stream=stream(names.EMAIL_STREAM, names.EMAIL_GROUP), parser=tolerant_redis_parser,
+        stream=stream(names.EMAIL_STREAM, names.EMAIL_GROUP),
+        parser=tolerant_redis_parser,
         max_workers=settings.redis_max_workers,
-        title="email:SendEmail:redis", description="Send an e-mail; answers `email.sent` or `email.failed`.",
+        title="email:SendEmail:redis",
+        description="Send an e-mail; answers `email.sent` or `email.failed`.",
     )
 
     @redis_send_email_sub
@@ -77,7 +85,8 @@ def register(
         await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
 
     redis_complete_sub = redis.subscriber(
-        stream=stream(names.COMPLETION_STREAM, names.COMPLETION_GROUP), parser=tolerant_redis_parser,
+        stream=stream(names.COMPLETION_STREAM, names.COMPLETION_GROUP),
+        parser=tolerant_redis_parser,
         max_workers=settings.redis_max_workers,
         title="ai.completion:RequestCompletion:redis",
         description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",

@@ -30,9 +30,7 @@ def mask_url(url: str) -> str:
 class Settings(BaseSettings):
     """Pipeline configuration, validated at start-up."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="PIPELINE_", env_file=".env", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", env_file=".env", extra="ignore", frozen=True)
 
     rabbit_url: str = "amqp://guest:guest@localhost:5672/"
     redis_url: str = "redis://localhost:6379/0"

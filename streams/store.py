@@ -155,9 +155,7 @@ class EventStore:
         try:
             async with self.engine.begin() as conn:
                 current = await conn.scalar(
-                    select(func.coalesce(func.max(events.c.version), 0)).where(
-                        events.c.stream_id == stream_id
-                    )
+                    select(func.coalesce(func.max(events.c.version), 0)).where(events.c.stream_id == stream_id)
                 )
                 version = int(current or 0)
                 for ev in evts:
@@ -190,9 +188,7 @@ class EventStore:
 
     async def record_dead_letter(self, env: Envelope, failure: Failure) -> int:
         """Keep a dead letter for review and replay; returns its id."""
-        fields = (
-            {k.hex(): v.hex() for k, v in env.fields.items()} if env.fields is not None else None
-        )
+        fields = {k.hex(): v.hex() for k, v in env.fields.items()} if env.fields is not None else None
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 insert(dead_letters)

@@ -86,9 +86,7 @@ async def declare_rabbit(broker: RabbitBroker, delivery_limit: int) -> None:
     """Declare exchanges, command, dead-letter and delay queues, and their bindings (idempotent)."""
     tasks = await broker.declare_exchange(TASKS)
     await broker.declare_exchange(EVENTS)
-    deliver = await broker.declare_exchange(
-        RabbitExchange(DELAY_DELIVER, type=ExchangeType.TOPIC, durable=True)
-    )
+    deliver = await broker.declare_exchange(RabbitExchange(DELAY_DELIVER, type=ExchangeType.TOPIC, durable=True))
     for name in COMMAND_QUEUES:
         queue = await broker.declare_queue(command_queue(name, delivery_limit))
         await queue.bind(tasks, routing_key=name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,9 @@ def scratch_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def app_store() -> AsyncIterator[Any]:
+async def app_store() -> Any:
     """The app's event store, with its tables created."""
     from streams import app as app_module
 
     await app_module.store.start()
-    yield app_module.store
+    return app_module.store

@@ -166,9 +166,7 @@ class RecordingServer:
     def script(self, *responses: ScriptedResponse | int) -> None:
         """Append answers to the script; an int is a status with an empty JSON object body."""
         with self._changed:
-            self._script.extend(
-                r if isinstance(r, ScriptedResponse) else ScriptedResponse(r) for r in responses
-            )
+            self._script.extend(r if isinstance(r, ScriptedResponse) else ScriptedResponse(r) for r in responses)
 
     @property
     def requests(self) -> list[RecordedRequest]:

@@ -106,9 +106,7 @@ async def test_mailer_sends_bearer_token_when_api_key_is_set(
     assert request.headers["idempotency-key"] == "msg-8"
 
 
-async def test_mailer_sends_null_template_when_absent(
-    server: RecordingServer, client: httpx.AsyncClient
-) -> None:
+async def test_mailer_sends_null_template_when_absent(server: RecordingServer, client: httpx.AsyncClient) -> None:
     """A mail without a template is still sent with all four contract keys, `template` null."""
     mail = SendEmail(to="bob@example.com", subject="Hi", body="")
 
@@ -213,9 +211,7 @@ async def test_openai_posts_chat_completion_and_parses_answer(
     server: RecordingServer, client: httpx.AsyncClient, base_suffix: str
 ) -> None:
     """It POSTs `{model, messages:[{role:user, content}]}` to `<base>/chat/completions`, reads the answer."""
-    server.script(
-        ScriptedResponse(200, _completion_body("Hi there.", {"prompt_tokens": 5, "completion_tokens": 3}))
-    )
+    server.script(ScriptedResponse(200, _completion_body("Hi there.", {"prompt_tokens": 5, "completion_tokens": 3})))
     model = OpenAIModel(client, server.url_for("/v1") + base_suffix, api_key="sk-test")
 
     answer = await model.complete("Say hi", model="gpt-4o-mini", idempotency_key="msg-3")
@@ -305,9 +301,7 @@ async def test_openai_timeout_and_connection_refused_are_transient(
         ScriptedResponse(200, _completion_body(usage=["not", "a", "dict"])),
         ScriptedResponse(200, _completion_body(usage={"prompt_tokens": "many"})),
         ScriptedResponse(200, _completion_body(usage={"completion_tokens": -1})),
-        ScriptedResponse(
-            200, raw=b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1e400}}'
-        ),
+        ScriptedResponse(200, raw=b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1e400}}'),
     ],
     ids=[
         "invalid-json",
@@ -346,9 +340,7 @@ async def test_recording_server_answers_script_in_order_then_default_under_concu
 ) -> None:
     """Concurrent requests each consume one scripted answer exactly once; the rest get `default`."""
     with RecordingServer(*[503] * 10, default=ScriptedResponse(200, {"id": "ok"})) as server:
-        responses = await asyncio.gather(
-            *(client.post(server.url_for(f"/r/{i}"), json={"i": i}) for i in range(25))
-        )
+        responses = await asyncio.gather(*(client.post(server.url_for(f"/r/{i}"), json={"i": i}) for i in range(25)))
 
         assert sorted(r.status_code for r in responses) == [200] * 15 + [503] * 10
         assert server.pending == 0

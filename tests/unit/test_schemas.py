@@ -28,9 +28,7 @@ IDS: dict[str, Any] = {"message_id": "msg-1", "correlation_id": "corr-1"}
 # One valid instance of every outcome event, built from its own fields plus the common ids.
 EVENT_SAMPLES: list[Event] = [
     EmailSent(**IDS, to="ada@example.com", subject="Welcome", provider_id="prov-1"),
-    EmailFailed(
-        **IDS, to="ada@example.com", reason="550 mailbox unavailable", failure_kind=FailureKind.FATAL
-    ),
+    EmailFailed(**IDS, to="ada@example.com", reason="550 mailbox unavailable", failure_kind=FailureKind.FATAL),
     CompletionSucceeded(
         **IDS, task_id="t-1", model="echo", completion="echo: hi", prompt_tokens=1, completion_tokens=2
     ),

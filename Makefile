@@ -1,0 +1,49 @@
+# One task runner; `make check` is exactly what CI runs after starting the services.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test unit connected chaos lint format typecheck check docs bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+run: $(STAMP) ## run the worker with HTTP on :8000 (health, metrics, AsyncAPI docs)
+	$(BIN)/faststream run streams.app:app --host 0.0.0.0 --port 8000
+
+test: check ## the whole suite: lint, types, unit and connected tests
+
+unit: $(STAMP) ## in-memory tests only (fast)
+	$(BIN)/pytest -m "not connected and not chaos"
+
+connected: $(STAMP) ## tests against the real RabbitMQ, Redis and PostgreSQL
+	$(BIN)/pytest -m connected
+
+chaos: $(STAMP) ## fault-injection runs (slow)
+	$(BIN)/pytest -m chaos
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck ## ruff + mypy --strict + pytest (what CI runs)
+	$(BIN)/pytest -m "not chaos"
+
+docs: $(STAMP) ## regenerate asyncapi.yaml from the code
+	$(BIN)/faststream docs gen --yaml streams.app:app --out asyncapi.yaml
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info pipeline.db*

@@ -1,0 +1,272 @@
+"""Connected tier: a real worker process (`faststream run streams.app:app`) against the local servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from faststream.redis.parser.binary import BinaryMessageFormatV1
+
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parents[2]
+RABBIT_URL = os.environ.get("PIPELINE_RABBIT_URL", "amqp://guest:guest@localhost:5672/")
+REDIS_URL = os.environ.get("PIPELINE_REDIS_URL", "redis://localhost:6379/0")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/connected/" in str(item.fspath):
+            item.add_marker(pytest.mark.connected)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
+    """Poll an async predicate until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Worker:
+    """A running worker process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    db_url: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=10)
+
+
+def start_worker(tmp: Path, env: dict[str, str] | None = None, name: str = "worker") -> Worker:
+    """Start `faststream run streams.app:app` on a free port with its own SQLite file."""
+    port = free_port()
+    db_url = f"sqlite+aiosqlite:///{tmp / (name + '.db')}"
+    log_path = tmp / f"{name}.log"
+    full_env = {
+        **os.environ,
+        "PIPELINE_DATABASE_URL": db_url,
+        "PIPELINE_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "faststream", "run", "streams.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Worker(proc, port, log_path, db_url)
+
+
+async def wait_ready(worker: Worker, timeout: float = 40) -> None:
+    """Wait for `/health/ready` to answer 200."""
+
+    async def ready() -> bool:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}")
+        try:
+            async with httpx.AsyncClient() as client:
+                response = await client.get(worker.base_url + "/health/ready", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    await wait_until(ready, timeout, interval=0.3)
+
+
+@pytest.fixture
+def services() -> None:
+    """Skip (locally) or fail (CI) when a server is down."""
+    require("rabbitmq", "redis")
+
+
+@pytest.fixture
+async def worker(services: None, scratch_dir: Path) -> AsyncIterator[Worker]:
+    """One worker process, ready, stopped with SIGTERM afterwards."""
+    w = start_worker(scratch_dir)
+    try:
+        await wait_ready(w)
+        yield w
+    finally:
+        w.stop()
+
+
+class RabbitProbe:
+    """A plain aio-pika client: publishes commands, listens to `events`, reads dead letters."""
+
+    def __init__(self, conn: aio_pika.abc.AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.events: aio_pika.abc.AbstractQueue | None = None
+
+    @classmethod
+    async def open(cls) -> RabbitProbe:
+        conn = await aio_pika.connect_robust(RABBIT_URL)
+        channel = await conn.channel()
+        probe = cls(conn, channel)
+        exchange = await channel.get_exchange("events", ensure=True)
+        probe.events = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await probe.events.bind(exchange, routing_key="#")
+        return probe
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def publish(self, routing_key: str, body: bytes, *, message_id: str | None = None, **props: Any) -> str:
+        mid = message_id or str(uuid.uuid4())
+        tasks = await self.channel.get_exchange("tasks", ensure=True)
+        props.setdefault("content_type", "application/json")
+        await tasks.publish(
+            aio_pika.Message(body, message_id=mid, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **props),
+            routing_key=routing_key,
+        )
+        return mid
+
+    async def wait_event(self, event_type: str, message_id: str, timeout: float = 15) -> tuple[dict[str, Any], Any]:
+        """The first event of that type answering that message id."""
+        assert self.events is not None
+        queue = self.events
+
+        async def poll() -> tuple[dict[str, Any], Any] | None:
+            msg = await queue.get(no_ack=True, fail=False)
+            while msg is not None:
+                body = json.loads(msg.body)
+                if msg.routing_key == event_type and body.get("message_id") == message_id:
+                    return body, msg
+                msg = await queue.get(no_ack=True, fail=False)
+            return None
+
+        result: tuple[dict[str, Any], Any] = await wait_until(poll, timeout)
+        return result
+
+    async def take_dead_letter(self, queue_name: str, message_id: str, timeout: float = 15) -> Any:
+        """Take (ack) the dead letter of `message_id` from `queue_name`; others are left in place."""
+        channel = await self.conn.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+
+        async def poll() -> Any:
+            seen = []
+            found = None
+            msg = await queue.get(no_ack=False, fail=False)
+            while msg is not None:
+                if msg.message_id == message_id:
+                    await msg.ack()
+                    found = msg
+                    break
+                seen.append(msg)
+                msg = await queue.get(no_ack=False, fail=False)
+            for other in seen:
+                await other.nack(requeue=True)
+            return found
+
+        try:
+            return await wait_until(poll, timeout, interval=0.2)
+        finally:
+            await channel.close()
+
+
+@pytest.fixture
+async def rabbit_probe(services: None) -> AsyncIterator[RabbitProbe]:
+    probe = await RabbitProbe.open()
+    yield probe
+    await probe.close()
+
+
+class RedisProbe:
+    """A plain redis-py client: XADDs commands, reads stream `events` and `<stream>.dlq`."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.events_from = b"$"
+
+    async def start(self) -> None:
+        info = await self.client.xinfo_stream("events") if await self.client.exists("events") else None
+        self.events_from = info["last-generated-id"] if info else b"0-0"
+
+    async def publish(self, stream: str, body: bytes, *, message_id: str | None = None) -> str:
+        mid = message_id or str(uuid.uuid4())
+        envelope = await BinaryMessageFormatV1.encode(
+            message=body,
+            reply_to=None,
+            headers={"message-id": mid, "content-type": "application/json"},
+            correlation_id=mid,
+        )
+        await self.client.xadd(stream, {"__data__": envelope})
+        return mid
+
+    async def wait_event(self, event_type: str, message_id: str, timeout: float = 15) -> dict[str, Any]:
+        async def poll() -> dict[str, Any] | None:
+            for _, entries in await self.client.xread({"events": self.events_from}, count=500) or []:
+                for _eid, fields in entries:
+                    body, headers = BinaryMessageFormatV1.parse(fields[b"__data__"])
+                    data = json.loads(body)
+                    if headers.get("event-type") == event_type and data.get("message_id") == message_id:
+                        return dict(data)
+            return None
+
+        result: dict[str, Any] = await wait_until(poll, timeout, interval=0.2)
+        return result
+
+    async def dead_letter(self, stream: str, message_id: str, timeout: float = 15) -> dict[bytes, bytes]:
+        async def poll() -> dict[bytes, bytes] | None:
+            for _eid, fields in await self.client.xrevrange(stream, count=200):
+                if fields.get(b"message-id") == message_id.encode():
+                    return dict(fields)
+            return None
+
+        result: dict[bytes, bytes] = await wait_until(poll, timeout, interval=0.2)
+        return result
+
+
+@pytest.fixture
+async def redis_probe(services: None) -> AsyncIterator[RedisProbe]:
+    client = aioredis.from_url(REDIS_URL)
+    probe = RedisProbe(client)
+    await probe.start()
+    yield probe
+    await client.aclose()
