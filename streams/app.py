@@ -28,6 +28,7 @@ from streams.outlets import RabbitOutlet, RedisOutlet
 from streams.pipeline import Pipeline
 from streams.publishers import declare_publishers
 from streams.routes import register
+from streams.scheduler import Mover
 from streams.settings import get_settings, mask_url
 from streams.store import EventStore
 
@@ -58,7 +59,8 @@ redis = RedisBroker(
 
 publishers = declare_publishers(rabbit, redis)
 rabbit_outlet = RabbitOutlet(rabbit, publishers.rabbit_events, publishers.rabbit_dead_letters)
-redis_outlet = RedisOutlet(redis, publishers.redis_events, redis_client)
+redis_outlet = RedisOutlet(redis, publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
+mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
 rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topology.COMMAND_QUEUES)))
@@ -84,13 +86,20 @@ async def on_startup() -> None:
         if stream_sub is not None:
             stream_sub.consumer = name
     await rabbit.connect()
-    await topology.declare_rabbit(rabbit, settings.delivery_limit)
+    await topology.declare_rabbit(rabbit)
     await topology.declare_redis(redis_client)
+    mover.start()
     log.info("starting", consumer=name, settings=settings.safe_dump())
 
 
 async def on_shutdown() -> None:
+    """Stop the retry mover before the brokers stop; scheduled retries stay in Redis."""
+    await mover.stop()
+
+
+async def after_shutdown() -> None:
     """Close what on_startup opened, after the brokers stopped consuming."""
+    await pipeline.close()
     await ADAPTERS.close()
     await redis_client.aclose()
     await store.close()
@@ -135,5 +144,6 @@ app = AsgiFastStream(
         ),
     ),
     on_startup=[on_startup],
-    after_shutdown=[on_shutdown],
+    on_shutdown=[on_shutdown],
+    after_shutdown=[after_shutdown],
 )

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import aiormq
 import typer
+from faststream.rabbit import RabbitBroker
+from faststream.redis import RedisBroker
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from schemas import Command, RequestCompletion, SendEmail
 from streams import names
@@ -108,14 +112,11 @@ def _headers(message_id: str, correlation_id: str) -> dict[str, Any]:
 
 
 async def _publish_rabbit(
-    url: str, route: Route, payload: dict[str, Any], message_id: str, correlation_id: str, timeout: float
+    url: str, route: Route, payload: dict[str, Any], *, message_id: str, correlation_id: str, io_timeout: float
 ) -> str:
-    import aiormq
-    from faststream.rabbit import RabbitBroker
-
     where = f"exchange {names.TASKS_EXCHANGE!r}, routing key {route.routing_key!r} on {mask_url(url)}"
     try:
-        async with RabbitBroker(url, timeout=timeout, logger=None) as broker:
+        async with RabbitBroker(url, timeout=io_timeout, logger=None) as broker:
             # Publisher confirms are on by default; the exchange is declared passively (the
             # worker owns the topology), and `mandatory` makes an unroutable message come back.
             result = await broker.publish(
@@ -124,7 +125,7 @@ async def _publish_rabbit(
                 routing_key=route.routing_key,
                 mandatory=True,
                 persist=True,
-                timeout=timeout,
+                timeout=io_timeout,
                 message_id=message_id,
                 correlation_id=correlation_id,
                 content_type=CONTENT_TYPE,
@@ -137,7 +138,9 @@ async def _publish_rabbit(
         ) from exc
     except aiormq.exceptions.ProbableAuthenticationError as exc:
         raise PublishError(f"RabbitMQ at {mask_url(url)} refused the credentials: {exc}") from exc
-    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+    except TimeoutError as exc:  # the connection or the publisher confirm
+        raise PublishError(_unanswered(Broker.rabbit, url, io_timeout, message_id)) from exc
+    except (aiormq.exceptions.AMQPError, OSError) as exc:
         raise PublishError(f"cannot publish to RabbitMQ at {mask_url(url)}: {_reason(exc)}") from exc
     if isinstance(result, aiormq.abc.DeliveredMessage):  # basic.return: no queue is bound
         raise PublishError(
@@ -148,17 +151,14 @@ async def _publish_rabbit(
 
 
 async def _publish_redis(
-    url: str, route: Route, payload: dict[str, Any], message_id: str, correlation_id: str, timeout: float
+    url: str, route: Route, payload: dict[str, Any], *, message_id: str, correlation_id: str, io_timeout: float
 ) -> str:
-    from faststream.redis import RedisBroker
-    from redis.exceptions import RedisError
-
     headers = {**_headers(message_id, correlation_id), "message_id": message_id}
     try:
         async with RedisBroker(
             url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
+            socket_connect_timeout=io_timeout,
+            socket_timeout=io_timeout,
             logger=None,  # type: ignore[arg-type]  # None turns FastStream's logging off, as on Rabbit
         ) as broker:
             entry_id = await broker.publish(
@@ -188,14 +188,20 @@ def publish(
     route = ROUTES[type(command)]
     payload = command.model_dump(mode="json")
     with _quiet_client_logs():
-        if broker is Broker.rabbit:
-            coro = _publish_rabbit(settings.rabbit_url, route, payload, message_id, correlation_id, timeout)
-        else:
-            coro = _publish_redis(settings.redis_url, route, payload, message_id, correlation_id, timeout)
+        publisher = _publish_rabbit if broker is Broker.rabbit else _publish_redis
+        url = settings.rabbit_url if broker is Broker.rabbit else settings.redis_url
+        coro = publisher(url, route, payload, message_id=message_id, correlation_id=correlation_id, io_timeout=timeout)
         try:
             return asyncio.run(asyncio.wait_for(coro, timeout * 3))
         except TimeoutError as exc:
-            raise PublishError(f"publishing to {broker.value} timed out after {timeout * 3:g}s") from exc
+            raise PublishError(_unanswered(broker, url, timeout * 3, message_id)) from exc
+
+
+def _unanswered(broker: Broker, url: str, seconds: float, message_id: str) -> str:
+    return (
+        f"no answer from {broker.value} at {mask_url(url)} within {seconds:g}s; it may have the message "
+        f"anyway: re-send with --message-id {message_id}, the pipeline drops duplicates"
+    )
 
 
 # --- shared option handling ---------------------------------------------------------------------
@@ -211,29 +217,44 @@ def _text(value: str) -> str:
     return sys.stdin.read() if value == "-" else value
 
 
-def _validated(model: type[C], fields: dict[str, Any]) -> C:
-    try:
-        return model.model_validate(fields)
-    except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(command)"
-            option = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else model.__name__
-            shown = repr(err.get("input"))
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            typer.echo(
-                f"error: invalid {option} (field {field!r} of {model.__name__}): {err['msg']} [got {shown}]",
-                err=True,
-            )
-        raise typer.Exit(EXIT_INVALID) from None
+def _id_problems(message_id: str | None, correlation_id: str | None) -> list[str]:
+    return [
+        f"invalid {option}: use 1 to 255 visible ASCII characters, no spaces [got {value!r}]"
+        for option, value in (("--message-id", message_id), ("--correlation-id", correlation_id))
+        if value is not None and not _ID_PATTERN.match(value)
+    ]
 
 
-def _ids(message_id: str | None, correlation_id: str | None) -> tuple[str, str]:
+def _model_problems(model: type[C], exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = err["loc"]
+        field = ".".join(str(p) for p in loc)
+        option = "--" + str(loc[0]).replace("_", "-") if loc else model.__name__
+        shown = repr(err.get("input"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        problems.append(f"invalid {option} (field {field!r} of {model.__name__}): {err['msg']} [got {shown}]")
+    return problems
+
+
+def _prepare(
+    model: type[C], fields: dict[str, Any], message_id: str | None, correlation_id: str | None
+) -> tuple[C, str, str]:
+    """The validated command and its ids; on any invalid input, report every problem and exit 2."""
     mid = message_id if message_id is not None else str(uuid.uuid4())
     cid = correlation_id if correlation_id is not None else mid
-    for option, value in (("--message-id", mid), ("--correlation-id", cid)):
-        if not _ID_PATTERN.match(value):
-            _fail(f"invalid {option}: use 1 to 255 visible ASCII characters, no spaces [got {value!r}]", EXIT_INVALID)
-    return mid, cid
+    problems = _id_problems(message_id, correlation_id)
+    command: C | None = None
+    try:
+        command = model.model_validate(fields)
+    except ValidationError as exc:
+        problems += _model_problems(model, exc)
+    if problems or command is None:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        typer.echo("nothing was published", err=True)
+        raise typer.Exit(EXIT_INVALID)
+    return command, mid, cid
 
 
 def _settings() -> Settings:
@@ -241,19 +262,12 @@ def _settings() -> Settings:
         return get_settings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"PIPELINE_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            (f"PIPELINE_{str(e['loc'][0]).upper()}: " if e["loc"] else "") + e["msg"] for e in exc.errors()
         )
         _fail(f"invalid settings: {problems}", EXIT_INVALID)
 
 
-def _send(
-    command: SendEmail | RequestCompletion,
-    broker: Broker,
-    message_id: str | None,
-    correlation_id: str | None,
-    timeout: float,
-) -> None:
-    mid, cid = _ids(message_id, correlation_id)
+def _send(command: SendEmail | RequestCompletion, broker: Broker, mid: str, cid: str, timeout: float) -> None:
     settings = _settings()
     size = len(command.model_dump_json().encode())
     if size > settings.max_body_bytes:
@@ -312,12 +326,11 @@ TimeoutOpt = Annotated[
 
 @send_app.command("email")
 def send_email(
+    *,
     to: Annotated[str, typer.Option("--to", help="Recipient address.")],
     subject: Annotated[str, typer.Option("--subject", help="Subject line (one line).")],
     body: Annotated[str, typer.Option("--body", help="Plain-text body; `-` reads it from stdin.")],
-    template: Annotated[
-        str | None, typer.Option("--template", help="Template name the mail provider renders.")
-    ] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Template name the mail provider renders.")] = None,
     broker: BrokerOpt = Broker.rabbit,
     message_id: MessageIdOpt = None,
     correlation_id: CorrelationIdOpt = None,
@@ -325,18 +338,19 @@ def send_email(
 ) -> None:
     """Publish a SendEmail command (answered by email.sent or email.failed)."""
     fields: dict[str, Any] = {"to": to, "subject": subject, "body": _text(body), "template": template}
-    command = _validated(SendEmail, fields)
-    _send(command, broker, message_id, correlation_id, timeout)
+    command, mid, cid = _prepare(SendEmail, fields, message_id, correlation_id)
+    _send(command, broker, mid, cid, timeout)
 
 
 @send_app.command("completion")
 def send_completion(
+    *,
     prompt: Annotated[str, typer.Option("--prompt", help="The user prompt; `-` reads it from stdin.")],
     model: Annotated[
         str, typer.Option("--model", help="Model name; `echo` is the built-in deterministic model.")
     ] = "echo",
     task_id: Annotated[
-        str | None, typer.Option("--task-id", help="Task id to track the result under (default: a new uuid4).")
+        str | None, typer.Option("--task-id", help="Task id the result is kept under (default: a new uuid4).")
     ] = None,
     broker: BrokerOpt = Broker.rabbit,
     message_id: MessageIdOpt = None,
@@ -349,8 +363,8 @@ def send_completion(
         "prompt": _text(prompt),
         "model": model,
     }
-    command = _validated(RequestCompletion, fields)
-    _send(command, broker, message_id, correlation_id, timeout)
+    command, mid, cid = _prepare(RequestCompletion, fields, message_id, correlation_id)
+    _send(command, broker, mid, cid, timeout)
 
 
 if __name__ == "__main__":

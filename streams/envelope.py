@@ -41,6 +41,14 @@ def parse_attempt(raw: str | None) -> int:
     return value if 1 <= value <= 1_000 else 1
 
 
+def parse_count(raw: str | None) -> int:
+    """A non-negative delivery count header; 0 when absent or unreadable."""
+    try:
+        return max(int(raw or 0), 0)
+    except ValueError:
+        return 0
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One received message: where from, its ids, attempt, headers and its untouched bytes."""
@@ -52,18 +60,27 @@ class Envelope:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     attempt: int = 1
+    # Deliveries of this very message before this one that ended without an outcome (a crash).
+    redeliveries: int = 0
     # Redis: the entry's fields as they were stored, to dead-letter or replay verbatim.
     fields: dict[bytes, bytes] | None = None
     entry_id: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire: the body, or every field of a Redis entry."""
+        if self.fields is None:
+            return len(self.body)
+        return sum(len(k) + len(v) for k, v in self.fields.items())
 
     @property
     def context(self) -> MessageContext:
         """What handlers may know about this message."""
         return MessageContext(self.message_id, self.correlation_id, self.attempt)
 
-    def with_attempt(self, attempt: int) -> Envelope:
-        """The same message at another attempt."""
-        return replace(self, attempt=attempt)
+    def with_redeliveries(self, redeliveries: int) -> Envelope:
+        """The same message, known to have been delivered `redeliveries` times before."""
+        return replace(self, redeliveries=redeliveries)
 
 
 def pick_ids(

@@ -28,6 +28,12 @@ def source_of(handler: Any, fallback: str) -> str:
     return fallback
 
 
+def reclaims(handler: Any) -> bool:
+    """True for a Redis subscriber that reads other consumers' idle pending entries (XAUTOCLAIM)."""
+    stream_sub = getattr(handler, "stream_sub", None)
+    return stream_sub is not None and stream_sub.min_idle_time is not None
+
+
 def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str]) -> type[BaseMiddleware]:
     """A middleware class bound to one pipeline, one broker's outlet and its command queues or streams."""
 
@@ -39,14 +45,14 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
             if source not in sources:  # not a command subscriber: nothing to wrap
                 return await call_next(msg)
             env = outlet.envelope(msg, source)
+            if reclaims(self.context.get_local("handler_")):
+                # Claimed from another consumer's pending list: that consumer died holding it.
+                count: int = await getattr(msg, "get_delivery_count")()  # noqa: B009 - Redis stream messages only
+                env = env.with_redeliveries(max(count - 1, 0))
             delivery = Delivery(env)
             bind_message(env.message_id, env.correlation_id, env.source)
             try:
-                size = len(env.body) if env.fields is None else sum(len(k) + len(v) for k, v in env.fields.items())
-                if size > pipeline.settings.max_body_bytes:
-                    await pipeline.reject_invalid(
-                        delivery, f"body of {size} bytes exceeds {pipeline.settings.max_body_bytes}"
-                    )
+                if not await pipeline.admit(delivery, env.size):
                     return None
                 with self.context.scope(DELIVERY_KEY, delivery):
                     try:

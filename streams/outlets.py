@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -13,8 +14,8 @@ from faststream.redis.parser import BinaryMessageFormatV1
 from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 
 from schemas import Event
-from streams import names, topology
-from streams.envelope import Envelope, Transport, header_str, parse_attempt, pick_ids
+from streams import names, scheduler, topology
+from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
 
 DATA_KEY = b"__data__"
 
@@ -72,6 +73,7 @@ class RabbitOutlet:
             body=body,
             headers=headers,
             attempt=parse_attempt(headers.get(names.H_ATTEMPTS)),
+            redeliveries=parse_count(headers.get("x-delivery-count")),
         )
 
     async def publish_event(self, event: Event) -> None:
@@ -112,10 +114,13 @@ class RedisOutlet:
 
     transport: Transport = "redis"
 
-    def __init__(self, broker: RedisBroker, events: RedisPublisher, client: aioredis.Redis) -> None:
+    def __init__(
+        self, broker: RedisBroker, events: RedisPublisher, client: aioredis.Redis, groups: dict[str, str]
+    ) -> None:
         self.broker = broker
         self.events = events
         self.client = client
+        self.groups = groups
 
     def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
         raw = msg.raw_message
@@ -158,10 +163,38 @@ class RedisOutlet:
         )
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
-        # The entry's own fields go in untouched; the failure headers ride beside them.
+        # The entry's own fields go in untouched; the failure headers ride beside them. Parking
+        # and acknowledging happen in one MULTI: the entry is never in both places, nor in none.
         entry: dict[bytes, bytes] = dict(env.fields or {})
         entry.update({k.encode(): v.encode() for k, v in headers.items()})
-        await self.client.xadd(names.dlq(env.source), entry)  # type: ignore[arg-type]
+        async with self.client.pipeline(transaction=True) as tx:
+            tx.xadd(names.dlq(env.source), entry)  # type: ignore[arg-type]
+            self._ack(tx, env)
+            await tx.execute()
 
     async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
-        raise NotImplementedError("Redis retries arrive with the scheduler")
+        # The retry copy goes into the scheduled set and the original is acknowledged atomically;
+        # the mover (streams.scheduler) puts it back into the stream when it is due.
+        fields = await self._with_headers(env, headers)
+        due_ms = int((time.time() + delay) * 1000)
+        await scheduler.schedule(self.client, env.source, fields, due_ms, ack=lambda tx: self._ack(tx, env))
+
+    def _ack(self, tx: Any, env: Envelope) -> None:
+        group = self.groups.get(env.source)
+        if group is not None and env.entry_id is not None:
+            tx.xack(env.source, group, env.entry_id)
+
+    @staticmethod
+    async def _with_headers(env: Envelope, headers: dict[str, str]) -> dict[bytes, bytes]:
+        """The entry's fields with `headers` laid over its headers; the body stays byte for byte."""
+        fields = dict(env.fields or {})
+        if DATA_KEY in fields:
+            fields[DATA_KEY] = await BinaryMessageFormatV1.encode(
+                message=env.body,
+                reply_to=None,
+                headers={**env.headers, **headers},
+                correlation_id=env.correlation_id,
+            )
+        else:
+            fields.update({k.encode(): v.encode() for k, v in headers.items()})
+        return fields

@@ -35,19 +35,20 @@ CONSUMER_PLACEHOLDER = "worker"
 def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, settings: Settings) -> dict[str, Any]:
     """Subscribe every flow on both brokers; returns the subscribers by `broker:queue` name."""
     channel = Channel(prefetch_count=settings.rabbit_prefetch)
-    limit = settings.delivery_limit
 
-    def stream(name: str, group: str) -> StreamSub:
+    def stream(name: str, group: str, *, reclaim: bool = False) -> StreamSub:
+        """New entries of a stream; with `reclaim`, entries another consumer left pending too long."""
         return StreamSub(
             name,
             group=group,
             consumer=CONSUMER_PLACEHOLDER,
             max_records=settings.redis_read_count,
             polling_interval=settings.redis_polling_ms,
+            min_idle_time=settings.redis_claim_idle_ms if reclaim else None,
         )
 
     rabbit_send_email_sub = rabbit.subscriber(
-        topology.command_queue(names.EMAIL_QUEUE, limit),
+        topology.command_queue(names.EMAIL_QUEUE),
         topology.TASKS,
         channel=channel,
         title="email:SendEmail",
@@ -59,7 +60,7 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
         await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
 
     rabbit_complete_sub = rabbit.subscriber(
-        topology.command_queue(names.COMPLETION_QUEUE, limit),
+        topology.command_queue(names.COMPLETION_QUEUE),
         topology.TASKS,
         channel=channel,
         title="ai.completion:RequestCompletion",
@@ -80,6 +81,12 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
         description="Send an e-mail; answers `email.sent` or `email.failed`.",
     )
 
+    redis_send_email_reclaim_sub = redis.subscriber(
+        stream=stream(names.EMAIL_STREAM, names.EMAIL_GROUP, reclaim=True),
+        parser=tolerant_redis_parser,
+        include_in_schema=False,
+    )
+
     @redis_send_email_sub
     async def redis_send_email(cmd: SendEmail, mailer: MailerDep, delivery: CurrentDelivery) -> None:
         await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
@@ -92,15 +99,27 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
         description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
     )
 
+    redis_send_email_reclaim_sub(redis_send_email)  # the same handler, for reclaimed entries
+
+    redis_complete_reclaim_sub = redis.subscriber(
+        stream=stream(names.COMPLETION_STREAM, names.COMPLETION_GROUP, reclaim=True),
+        parser=tolerant_redis_parser,
+        include_in_schema=False,
+    )
+
     @redis_complete_sub
     async def redis_complete(cmd: RequestCompletion, model: ModelDep, delivery: CurrentDelivery) -> None:
         await pipeline.run(
             delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
         )
 
+    redis_complete_reclaim_sub(redis_complete)
+
     return {
         f"rabbit:{names.EMAIL_QUEUE}": rabbit_send_email_sub,
         f"rabbit:{names.COMPLETION_QUEUE}": rabbit_complete_sub,
         f"redis:{names.EMAIL_STREAM}": redis_send_email_sub,
         f"redis:{names.COMPLETION_STREAM}": redis_complete_sub,
+        f"redis:{names.EMAIL_STREAM}:reclaim": redis_send_email_reclaim_sub,
+        f"redis:{names.COMPLETION_STREAM}:reclaim": redis_complete_reclaim_sub,
     }

@@ -6,8 +6,10 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, HttpUrl, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.retry import RetryPolicy
 
 _URL_SCHEMES = {
     "rabbit_url": ("amqp", "amqps"),
@@ -25,6 +27,17 @@ def mask_url(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class RetryOverride(BaseModel):
+    """A flow's own retry limits; unset fields take the global ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    base_delay: float | None = Field(None, gt=0)
+    max_delay: float | None = Field(None, gt=0, le=65_535)
+    max_age: float | None = Field(None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -50,9 +63,15 @@ class Settings(BaseSettings):
     retry_base_delay: float = Field(1.0, gt=0)
     retry_max_delay: float = Field(300.0, gt=0, le=65_535)
     retry_max_age: float = Field(86_400.0, gt=0)
+    retry_jitter: Literal["full", "equal", "none"] = "full"
+    # Per-flow overrides, e.g. PIPELINE_RETRY_OVERRIDES='{"completion": {"max_attempts": 3}}'
+    retry_overrides: dict[str, RetryOverride] = Field(default_factory=dict)
 
-    delivery_limit: int = Field(5, ge=1, le=1_000)
+    # A message delivered this many more times without an outcome (its worker died) is poison.
+    delivery_limit: int = Field(5, ge=1, le=19)
     consumer_name: str | None = None
+    redis_claim_idle_ms: int = Field(60_000, ge=100)
+    redis_mover_interval_ms: int = Field(200, ge=10)
 
     max_body_bytes: int = Field(1_048_576, ge=1)
     alert_url: HttpUrl | None = None
@@ -93,6 +112,17 @@ class Settings(BaseSettings):
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError("PIPELINE_RETRY_MAX_DELAY must be >= PIPELINE_RETRY_BASE_DELAY")
         return self
+
+    def retry_policy(self, flow: str) -> RetryPolicy:
+        """The retry policy of a flow: its overrides over the global settings."""
+        o = self.retry_overrides.get(flow, RetryOverride())
+        return RetryPolicy(
+            max_attempts=o.max_attempts or self.retry_max_attempts,
+            base_delay=o.base_delay or self.retry_base_delay,
+            max_delay=o.max_delay or self.retry_max_delay,
+            max_age=o.max_age or self.retry_max_age,
+            jitter=self.retry_jitter,
+        )
 
     def safe_dump(self) -> dict[str, object]:
         """Settings as shown to operators: URLs masked, secrets hidden."""

@@ -18,6 +18,10 @@ from redis.exceptions import ResponseError
 
 from streams import names
 
+# The broker's own poison cap, a backstop behind the worker's PIPELINE_DELIVERY_LIMIT (which
+# dead-letters with the whole story first). Fixed, so changing the setting never needs the
+# queues re-declared.
+BROKER_DELIVERY_LIMIT = 20
 DELAY_LEVELS = 16  # the longest delay is 2**16 - 1 s, about 18 h
 DELAY_DELIVER = "delay.deliver"
 
@@ -28,7 +32,7 @@ COMMAND_QUEUES = (names.EMAIL_QUEUE, names.COMPLETION_QUEUE)
 COMMAND_STREAMS = ((names.EMAIL_STREAM, names.EMAIL_GROUP), (names.COMPLETION_STREAM, names.COMPLETION_GROUP))
 
 
-def command_queue(name: str, delivery_limit: int) -> RabbitQueue:
+def command_queue(name: str) -> RabbitQueue:
     """A command's quorum queue: a worker crash counts as a delivery; past the limit it dead-letters."""
     return RabbitQueue(
         name,
@@ -36,7 +40,7 @@ def command_queue(name: str, delivery_limit: int) -> RabbitQueue:
         durable=True,
         routing_key=name,
         arguments={
-            "x-delivery-limit": delivery_limit,
+            "x-delivery-limit": BROKER_DELIVERY_LIMIT,
             # Backstop only: the worker itself dead-letters with the full story before this.
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": names.dlq(name),
@@ -82,13 +86,13 @@ def _skip(level: int) -> str:
     return "*." * (DELAY_LEVELS - 1 - level)
 
 
-async def declare_rabbit(broker: RabbitBroker, delivery_limit: int) -> None:
+async def declare_rabbit(broker: RabbitBroker) -> None:
     """Declare exchanges, command, dead-letter and delay queues, and their bindings (idempotent)."""
     tasks = await broker.declare_exchange(TASKS)
     await broker.declare_exchange(EVENTS)
     deliver = await broker.declare_exchange(RabbitExchange(DELAY_DELIVER, type=ExchangeType.TOPIC, durable=True))
     for name in COMMAND_QUEUES:
-        queue = await broker.declare_queue(command_queue(name, delivery_limit))
+        queue = await broker.declare_queue(command_queue(name))
         await queue.bind(tasks, routing_key=name)
         await queue.bind(deliver, routing_key="*." * DELAY_LEVELS + name)
         await broker.declare_queue(dead_letter_queue(name))

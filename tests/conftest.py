@@ -40,14 +40,50 @@ def require(*services: str) -> None:
 
 
 class RecordingRedis:
-    """Stands in for the raw Redis client in memory tests: records XADDs."""
+    """Stands in for the raw Redis client in memory tests: records XADDs, XACKs and scheduled retries."""
 
     def __init__(self) -> None:
         self.added: list[tuple[str, dict[Any, Any]]] = []
+        self.acked: list[tuple[str, str, str]] = []
+        self.scheduled: list[tuple[str, dict[Any, Any]]] = []
 
     async def xadd(self, name: str, fields: dict[Any, Any], **_: Any) -> bytes:
         self.added.append((name, dict(fields)))
         return b"0-1"
+
+    def pipeline(self, transaction: bool = True) -> RecordingTransaction:
+        return RecordingTransaction(self)
+
+
+class RecordingTransaction:
+    """A MULTI of RecordingRedis: commands take effect on execute()."""
+
+    def __init__(self, redis: RecordingRedis) -> None:
+        self.redis = redis
+        self.commands: list[Any] = []
+
+    async def __aenter__(self) -> RecordingTransaction:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def xadd(self, name: str, fields: dict[Any, Any], **_: Any) -> None:
+        self.commands.append(lambda: self.redis.added.append((name, dict(fields))))
+
+    def xack(self, name: str, group: str, entry_id: str) -> None:
+        self.commands.append(lambda: self.redis.acked.append((name, group, entry_id)))
+
+    def hset(self, key: str, mapping: dict[Any, Any]) -> None:
+        self.commands.append(lambda: self.redis.scheduled.append((key, dict(mapping))))
+
+    def zadd(self, key: str, mapping: dict[Any, Any]) -> None:
+        self.commands.append(lambda: None)
+
+    async def execute(self) -> list[Any]:
+        for command in self.commands:
+            command()
+        return []
 
 
 @pytest.fixture

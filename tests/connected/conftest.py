@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,34 +103,38 @@ def start_worker(tmp: Path, env: dict[str, str] | None = None, name: str = "work
     return Worker(proc, port, log_path, db_url)
 
 
-async def wait_ready(worker: Worker, timeout: float = 40) -> None:
-    """Wait for `/health/ready` to answer 200."""
-
-    async def ready() -> bool:
+def wait_ready_sync(worker: Worker, timeout: float = 40) -> None:
+    """Wait for `/health/ready` to answer 200 (blocking; for fixtures shared by many tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if worker.proc.poll() is not None:
             raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}")
         try:
-            async with httpx.AsyncClient() as client:
-                response = await client.get(worker.base_url + "/health/ready", timeout=2)
+            if httpx.get(worker.base_url + "/health/ready", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"worker not ready within {timeout}s:\n{worker.log()[-3000:]}")
 
-    await wait_until(ready, timeout, interval=0.3)
+
+async def wait_ready(worker: Worker, timeout: float = 40) -> None:
+    """Wait for `/health/ready` to answer 200."""
+    await asyncio.to_thread(wait_ready_sync, worker, timeout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def services() -> None:
     """Skip (locally) or fail (CI) when a server is down."""
     require("rabbitmq", "redis")
 
 
-@pytest.fixture
-async def worker(services: None, scratch_dir: Path) -> AsyncIterator[Worker]:
-    """One worker process, ready, stopped with SIGTERM afterwards."""
-    w = start_worker(scratch_dir)
+@pytest.fixture(scope="module")
+def worker(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One worker process shared by a test module, ready, stopped with SIGTERM afterwards."""
+    w = start_worker(tmp_path_factory.mktemp("worker"))
     try:
-        await wait_ready(w)
+        wait_ready_sync(w)
         yield w
     finally:
         w.stop()
@@ -220,8 +224,8 @@ async def rabbit_probe(services: None) -> AsyncIterator[RabbitProbe]:
 class RedisProbe:
     """A plain redis-py client: XADDs commands, reads stream `events` and `<stream>.dlq`."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
+    def __init__(self, client: Any) -> None:
+        self.client = client  # redis.asyncio.Redis; typed Any: its stubs' unions add noise, not safety
         self.events_from = b"$"
 
     async def start(self) -> None:

@@ -122,7 +122,10 @@ async def test_health_metrics_and_docs(worker: Worker, rabbit_probe: RabbitProbe
             "rabbit:ai.completion",
             "redis:email",
             "redis:ai.completion",
+            "redis:email:reclaim",
+            "redis:ai.completion:reclaim",
         }
+        assert all(check["running"] for check in consumers["checks"].values())
         metrics = (await client.get("/metrics")).text
         assert "pipeline_events_published_total" in metrics
         assert "faststream_received_messages_total" in metrics

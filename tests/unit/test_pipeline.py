@@ -51,6 +51,7 @@ class Harness:
     store: EventStore
     redis_client: RecordingRedis
     dead_letters: list[tuple[Envelope, dict[str, str]]] = field(default_factory=list)
+    retries: list[tuple[Envelope, float, dict[str, str]]] = field(default_factory=list)
 
     async def send(self, broker: str, queue: str, body: bytes | dict[str, Any], **props: Any) -> str:
         """Publish a command as a producer would; returns its message id."""
@@ -108,6 +109,16 @@ async def harness(app_store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Asy
                 await _orig(env, headers)
 
         monkeypatch.setattr(outlet, "dead_letter", spy)
+
+        original_retry = outlet.retry_later
+
+        async def retry_spy(env: Envelope, delay: float, headers: dict[str, str], _orig: Any = original_retry) -> None:
+            h.retries.append((env, delay, headers))
+            # In memory there is no delay exchange to route to; Redis goes to the fake client.
+            if env.transport == "redis":
+                await _orig(env, delay, headers)
+
+        monkeypatch.setattr(outlet, "retry_later", retry_spy)
     async with TestRabbitBroker(module.rabbit), TestRedisBroker(module.redis):
         yield h
     install(Adapters())
@@ -295,9 +306,53 @@ async def test_message_without_id_gets_a_stable_derived_one(harness: Harness) ->
 
 
 @pytest.mark.parametrize("broker", BROKERS)
-async def test_transient_failure_is_parked_not_lost(harness: Harness, broker: str) -> None:
-    """A transient failure never drops the message: it is retried or parked, never acked away silently."""
+async def test_transient_failure_is_handed_back_for_a_delayed_retry(harness: Harness, broker: str) -> None:
+    """A 503 schedules attempt 2 through the broker with the backoff delay; nothing is published or parked."""
     harness.mailer.error = DependencyUnavailableError("mail provider answered 503")
-    await harness.send(broker, names.EMAIL_QUEUE, EMAIL)
+    mid = await harness.send(broker, names.EMAIL_QUEUE, EMAIL)
+    [(env, delay, headers)] = harness.retries
+    policy = harness.module.settings.retry_policy("email")
+    assert 0 <= delay <= policy.ceiling(1)
+    assert headers[names.H_ATTEMPTS] == "2"
+    assert headers[names.H_MESSAGE_ID] == mid
+    assert headers[names.H_EXCEPTION_TYPE] == "handlers.errors.DependencyUnavailableError"
+    assert env.body == json.dumps(EMAIL).encode()
+    assert harness.dead_letters == []
     assert harness.events(broker, names.EMAIL_SENT) == []
-    assert harness.dead_letters or harness.module.metrics.RETRIES_SCHEDULED._metrics
+    assert harness.events(broker, names.EMAIL_FAILED) == []
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_last_attempt_failing_is_dead_lettered_as_exhausted(harness: Harness, broker: str) -> None:
+    """At the last allowed attempt a transient failure ends in the DLQ as `exhausted`, with `email.failed`."""
+    harness.mailer.error = DependencyUnavailableError("mail provider answered 503")
+    last = str(harness.module.settings.retry_policy("email").max_attempts)
+    mid = await harness.send(broker, names.EMAIL_QUEUE, EMAIL, headers={names.H_ATTEMPTS: last})
+    assert harness.retries == []
+    [(_, headers)] = harness.dead_letters
+    assert headers[names.H_FAILURE_KIND] == "exhausted"
+    assert headers[names.H_ATTEMPTS] == last
+    assert [e["message_id"] for e in harness.events(broker, names.EMAIL_FAILED)] == [mid]
+
+
+async def test_redis_retry_is_scheduled_and_acknowledged_in_one_transaction(harness: Harness) -> None:
+    """On Redis the retry copy (attempt header updated, body intact) is scheduled in the same MULTI as the XACK."""
+    harness.mailer.error = DependencyUnavailableError("timeout")
+    await harness.send("redis", names.EMAIL_QUEUE, EMAIL)
+    [(key, fields)] = harness.redis_client.scheduled
+    assert key.startswith("{email}:retry:")
+    from faststream.redis.parser.binary import BinaryMessageFormatV1
+
+    body, headers = BinaryMessageFormatV1.parse(fields[b"__data__"])
+    assert body == json.dumps(EMAIL).encode()
+    assert headers[names.H_ATTEMPTS] == "2"
+
+
+async def test_poison_redelivery_is_dead_lettered_before_handling(harness: Harness) -> None:
+    """A RabbitMQ message redelivered `delivery_limit` times without outcome is parked as `poison`, unhandled."""
+    limit = harness.module.settings.delivery_limit
+    mid = await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, headers={"x-delivery-count": limit})
+    [(_, headers)] = harness.dead_letters
+    assert headers[names.H_FAILURE_KIND] == "poison"
+    assert harness.mailer.sent == []
+    assert [e["message_id"] for e in harness.events("rabbit", names.MESSAGE_DEAD_LETTERED)] == [mid]
