@@ -10,16 +10,22 @@ correlation id. The message id is the only thing written to stdout, so scripts c
 Everything else (where it went, how to watch the outcome, errors) goes to stderr.
 Exit codes: 0 published, 1 broker unreachable or refused the message, 2 invalid input or
 settings (nothing is published).
+
+`pipeline dlq list|show|replay|purge` reviews the dead letters kept in PIPELINE_DATABASE_URL,
+puts them back through the normal path (same message and correlation ids, attempt count reset)
+and deletes them, only once confirmed. Exit codes: 0 done, 1 not found, database or broker
+unavailable, purge not confirmed, 2 invalid input or settings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -31,9 +37,15 @@ from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
-from schemas import Command, RequestCompletion, SendEmail
-from streams import names
+from schemas import Command, FailureKind, RequestCompletion, SendEmail
+from streams import deadletters, names
+from streams.deadletters import DeadLetter, PurgePlan, Selection
 from streams.settings import Settings, get_settings, mask_url
 
 CONTENT_TYPE = "application/json"
@@ -44,6 +56,7 @@ _ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII: fits AMQP sh
 _QUIET_LOGGERS = ("aiormq", "aio_pika", "faststream")
 
 C = TypeVar("C", SendEmail, RequestCompletion)
+T = TypeVar("T")
 
 
 class Broker(StrEnum):
@@ -78,7 +91,7 @@ class PublishError(Exception):
 
 app = typer.Typer(
     name="pipeline",
-    help="Operate the message pipeline: publish commands to RabbitMQ or Redis Streams.",
+    help="Operate the message pipeline: publish commands to RabbitMQ or Redis Streams; review and replay dead letters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -88,6 +101,11 @@ send_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(send_app, name="send")
+dlq_app = typer.Typer(
+    help="Review, replay and purge dead letters (kept in the database at PIPELINE_DATABASE_URL).",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
 
 
 # --- publishing ---------------------------------------------------------------------------------
@@ -365,6 +383,306 @@ def send_completion(
     }
     command, mid, cid = _prepare(RequestCompletion, fields, message_id, correlation_id)
     _send(command, broker, mid, cid, timeout)
+
+
+# --- dead letters: output ------------------------------------------------------------------------
+
+EXIT_NOT_FOUND = 1
+PIPED_WIDTH = 240  # no terminal to fit: keep each row on one line
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+
+def _render(table: Table) -> str:
+    """The table as text for stdout, without rich's trailing padding."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=PIPED_WIDTH)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
+
+
+def _letters_table(letters: Sequence[DeadLetter]) -> Table:
+    """The `dlq list` table; cells are Text, so nothing in them is read as markup."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for title in ("id", "transport", "queue", "kind", "attempts", "message id"):
+        table.add_column(title, overflow="fold", justify="right" if title in {"id", "attempts"} else "left")
+    for title in ("dead-lettered at", "replayed at", "exception type"):
+        table.add_column(title, overflow="fold")
+    for dl in letters:
+        cells = (
+            str(dl.id), dl.transport, dl.queue, dl.kind, str(dl.attempts), dl.message_id,
+            _when(dl.dead_lettered_at), _when(dl.replayed_at), dl.exception_type,
+        )  # fmt: skip
+        table.add_row(*(Text(deadletters.printable(c)) for c in cells))
+    return table
+
+
+def _field_value(key: bytes, value: bytes) -> str:
+    if key == deadletters.DATA_KEY:
+        return f"<FastStream envelope, {len(value)} bytes: headers and body below>"
+    encoding, text = deadletters.body_text(value)
+    return deadletters.redact(text) if encoding == "utf-8" else f"<hex> {text}"
+
+
+def describe(dl: DeadLetter) -> list[str]:
+    """Every column of a dead letter, as `dlq show` prints it: URL passwords masked, escapes shown."""
+
+    def safe(value: object) -> str:
+        return deadletters.printable(deadletters.redact(str(value)))
+
+    lines = [f"dead letter {dl.id}"]
+    facts = {
+        "transport": dl.transport, "queue": dl.queue, "kind": dl.kind, "attempts": dl.attempts,
+        "message id": dl.message_id, "correlation id": dl.correlation_id,
+        "dead-lettered at": dl.dead_lettered_at.isoformat(),
+        "replayed at": dl.replayed_at.isoformat() if dl.replayed_at else "-",
+        "exception type": dl.exception_type, "exception message": dl.exception_message,
+    }  # fmt: skip
+    lines += [f"  {k + ':':<19}{safe(v)}" for k, v in facts.items()]
+    lines += ["headers:"] + [f"  {safe(k)}: {safe(v)}" for k, v in sorted(dl.headers.items())]
+    if dl.fields is not None:
+        fields = deadletters.decode_fields(dl.fields)
+        lines += ["redis fields:"] + [f"  {safe(k.decode('utf-8', 'replace'))}: {safe(_field_value(k, v))}"
+                                      for k, v in fields.items()]  # fmt: skip
+    lines += ["stacktrace:"] + [f"  {line}" for line in safe(dl.stacktrace).splitlines()]
+    encoding, body = deadletters.body_text(dl.body)
+    lines += [f"body ({encoding}, {len(dl.body)} bytes):", body]
+    return lines
+
+
+def _one_line(dl: DeadLetter) -> str:
+    again = f", replayed before at {_when(dl.replayed_at)}" if dl.replayed_at else ""
+    return f"{dl.id} ({dl.transport} {dl.queue!r}, {dl.kind}, message id {deadletters.printable(dl.message_id)}{again})"
+
+
+def _purge_description(plan: PurgePlan, sizes: dict[tuple[str, str], int | None], database: str) -> list[str]:
+    lines = [f"would delete {_n(plan.total, 'dead letter')} from the database at {database}:"]
+    lines += [f"  {g.count:>5}  {g.transport:<6}  {g.queue}  ({g.kind})" for g in plan.groups]
+    for (transport, name), size in sorted(sizes.items()):
+        now = "it does not exist" if size is None else f"{_n(size, 'message')} in it now, of every kind"
+        action = f"empty RabbitMQ queue {name!r}" if transport == "rabbit" else f"trim Redis stream {name!r} to 0"
+        lines.append(f"would {action} ({now})")
+    return lines
+
+
+# --- dead letters: running the operations -------------------------------------------------------------
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one dead-letter operation; its failure is one line on stderr and exit 1."""
+    with _quiet_client_logs():
+        try:
+            return asyncio.run(coro)
+        except deadletters.DeadLetterError as exc:
+            _fail(str(exc), EXIT_UNAVAILABLE)
+
+
+async def _list(url: str, selection: Selection, limit: int) -> tuple[list[DeadLetter], int]:
+    async with deadletters.open_store(url) as engine:
+        letters = await deadletters.list_letters(engine, selection, limit)
+        return letters, await deadletters.count_letters(engine, selection)
+
+
+async def _get(url: str, dead_letter_id: int) -> DeadLetter | None:
+    async with deadletters.open_store(url) as engine:
+        return await deadletters.get_letter(engine, dead_letter_id)
+
+
+def _letter(settings: Settings, dead_letter_id: int) -> DeadLetter:
+    """The dead letter with this id; when there is none, say so and exit 1."""
+    letter = _run(_get(settings.database_url, dead_letter_id))
+    if letter is None:
+        _fail(f"no dead letter {dead_letter_id} in the database at {mask_url(settings.database_url)}", EXIT_NOT_FOUND)
+    return letter
+
+
+async def _to_replay(url: str, selection: Selection) -> list[DeadLetter]:
+    async with deadletters.open_store(url) as engine:
+        return await deadletters.letters_to_replay(engine, selection)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), redirect_stdout=False, redirect_stderr=False,
+    )  # fmt: skip
+
+
+async def _replay(
+    settings: Settings, letters: Sequence[DeadLetter], rate: float | None, io_timeout: float, done: list[str]
+) -> None:
+    """Replay `letters` in order behind a progress bar; `done` gets one line per replayed letter."""
+    async with (
+        deadletters.open_store(settings.database_url) as engine,
+        deadletters.broker_publisher(settings.rabbit_url, settings.redis_url, io_timeout) as publish,
+    ):
+        with _progress() as progress:
+            task = progress.add_task("replaying", total=len(letters))
+
+            def replayed(dl: DeadLetter, where: str) -> None:
+                ids = f"message id {dl.message_id}, correlation id {dl.correlation_id}"
+                done.append(f"replayed {dl.id} to {where}: {ids}")
+                progress.advance(task)
+
+            try:
+                await deadletters.replay(
+                    engine, letters, publish, throttle=deadletters.Throttle(rate), on_replayed=replayed
+                )
+            except deadletters.DeadLetterError as exc:
+                raise deadletters.DeadLetterError(f"{exc} ({len(done)} of {len(letters)} replayed before)") from exc
+
+
+async def _plan_purge(
+    settings: Settings, selection: Selection, broker_queues: bool, io_timeout: float
+) -> tuple[PurgePlan, dict[tuple[str, str], int | None]]:
+    async with deadletters.open_store(settings.database_url) as engine:
+        plan = await deadletters.plan_purge(engine, selection)
+    if not broker_queues or not plan.total:
+        return plan, {}
+    sizes = await deadletters.broker_dlqs(
+        plan.broker_queues, settings.rabbit_url, settings.redis_url, io_timeout, purge=False
+    )
+    return plan, sizes
+
+
+async def _purge(
+    settings: Settings, plan: PurgePlan, broker_queues: bool, io_timeout: float
+) -> tuple[int, dict[tuple[str, str], int | None]]:
+    """Broker queues first: if that fails, the rows (the review copy) are all still there."""
+    purged: dict[tuple[str, str], int | None] = {}
+    if broker_queues:
+        purged = await deadletters.broker_dlqs(
+            plan.broker_queues, settings.rabbit_url, settings.redis_url, io_timeout, purge=True
+        )
+    async with deadletters.open_store(settings.database_url) as engine:
+        return await deadletters.purge(engine, plan), purged
+
+
+def _confirmed(question: str) -> bool:
+    try:
+        return typer.confirm(question, default=False)
+    except typer.Abort:  # end of input: no answer is not a yes
+        typer.echo()
+        return False
+
+
+def _selection(queue: str | None, kind: FailureKind | None, *, include_replayed: bool = True) -> Selection:
+    return Selection(queue, kind.value if kind is not None else None, include_replayed)
+
+
+QueueOpt = Annotated[
+    str | None, typer.Option("--queue", "-q", help="Only dead letters of this queue or stream (e.g. email).")
+]
+KindOpt = Annotated[FailureKind | None, typer.Option("--kind", "-k", help="Only dead letters of this failure kind.")]
+IdArg = Annotated[int, typer.Argument(metavar="ID", help="The dead letter's id (see `pipeline dlq list`).")]
+
+
+# --- dead letters: commands -------------------------------------------------------------------------
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: QueueOpt = None,
+    kind: KindOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N dead letters.")] = 50,
+) -> None:
+    """List dead letters, newest first."""
+    letters, total = _run(_list(_settings().database_url, _selection(queue, kind), limit))
+    if not letters:
+        typer.echo("no dead letters match", err=True)
+        return
+    typer.echo(_render(_letters_table(letters)))
+    typer.echo(f"{len(letters)} of {_n(total, 'matching dead letter')}, newest first", err=True)
+
+
+@dlq_app.command("show")
+def dlq_show(dead_letter_id: IdArg) -> None:
+    """Show everything kept about one dead letter: headers, stack trace and body."""
+    letter = _letter(_settings(), dead_letter_id)
+    try:
+        lines = describe(letter)
+    except deadletters.DeadLetterError as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
+    typer.echo("\n".join(lines))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    dead_letter_id: Annotated[
+        int | None, typer.Argument(metavar="[ID]", help="The dead letter to replay (or --all).")
+    ] = None,
+    *,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every matching dead letter not replayed yet.")] = False,
+    queue: QueueOpt = None,
+    kind: KindOpt = None,
+    include_replayed: Annotated[
+        bool, typer.Option("--include-replayed", help="With --all: replay those replayed before, too.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be replayed; change nothing.")] = False,
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="At most N messages per second.")] = None,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Put dead letters back on their queue or stream: same bytes and ids, attempt count reset."""
+    if (dead_letter_id is None) == (not all_) or (dead_letter_id is not None and (queue or kind or include_replayed)):
+        _fail("give one dead letter ID, or --all (with --queue, --kind, --include-replayed to narrow it)", EXIT_INVALID)
+    settings = _settings()
+    if dead_letter_id is not None:
+        letters = [_letter(settings, dead_letter_id)]
+    else:
+        letters = _run(_to_replay(settings.database_url, _selection(queue, kind, include_replayed=include_replayed)))
+    if not letters:
+        typer.echo("nothing to replay: no dead letters match (replayed ones need --include-replayed)", err=True)
+        return
+    if dry_run:
+        typer.echo("\n".join(f"would replay {_one_line(dl)}" for dl in letters))
+        typer.echo(f"dry run: {_n(len(letters), 'dead letter')} would be replayed; nothing was changed", err=True)
+        return
+    done: list[str] = []
+    try:
+        _run(_replay(settings, letters, rate, timeout, done))
+    finally:
+        if done:
+            typer.echo("\n".join(done))
+    typer.echo(f"replayed {_n(len(done), 'dead letter')}", err=True)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    queue: QueueOpt = None,
+    kind: KindOpt = None,
+    *,
+    broker_queues: Annotated[
+        bool,
+        typer.Option(
+            "--broker-queues",
+            help="Also empty the brokers' `<queue>.dlq` queues and streams of the matching queues (every kind).",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Delete dead letters for good, after saying what would go and getting a yes."""
+    settings = _settings()
+    plan, sizes = _run(_plan_purge(settings, _selection(queue, kind), broker_queues, timeout))
+    if not plan.total:
+        typer.echo("nothing to purge: no dead letters match", err=True)
+        return
+    typer.echo("\n".join(_purge_description(plan, sizes, mask_url(settings.database_url))))
+    if not yes and not _confirmed(f"Delete {'it' if plan.total == 1 else f'these {plan.total}'}?"):
+        _fail("not confirmed: nothing was deleted", EXIT_UNAVAILABLE)
+    deleted, purged = _run(_purge(settings, plan, broker_queues, timeout))
+    for (transport, name), count in sorted(purged.items()):
+        kind_of = "RabbitMQ queue" if transport == "rabbit" else "Redis stream"
+        typer.echo(f"emptied {kind_of} {name!r}: {_n(count or 0, 'message')} removed")
+    typer.echo(f"deleted {_n(deleted, 'dead letter')} from the database")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 from handlers.errors import InvalidMessageError, PipelineError
 from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered
-from streams import metrics, names
+from streams import faults, metrics, names
 from streams.alerts import Alerter
 from streams.envelope import Envelope, Transport
 from streams.failures import Failure, classify
@@ -85,6 +85,7 @@ class Pipeline:
         delivery.command = cmd
         delivery.flow = flow  # type: ignore[assignment]  # Flow is invariant; C is a Command
         env = delivery.envelope
+        faults.crash_if_marked(env.body)
         outcome = await handle()
         await self.record(env, flow.stream_id(cmd, env.context), [outcome])
         log.info("handled", event_type=outcome.TYPE, attempt=env.attempt)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +55,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> Any:
@@ -104,6 +106,7 @@ class RecordingServer:
     def __init__(self, *responses: ScriptedResponse | int, default: ScriptedResponse | None = None) -> None:
         self.default = default if default is not None else ScriptedResponse()
         self._script: deque[ScriptedResponse] = deque()
+        self._keyed: dict[str, deque[ScriptedResponse]] = {}
         self._requests: list[RecordedRequest] = []
         self._changed = threading.Condition()
         self._stopping = threading.Event()
@@ -168,6 +171,17 @@ class RecordingServer:
         with self._changed:
             self._script.extend(r if isinstance(r, ScriptedResponse) else ScriptedResponse(r) for r in responses)
 
+    def script_for(self, key: str, *responses: ScriptedResponse | int) -> None:
+        """Answers for requests whose `Idempotency-Key` is `key` (one message), ahead of the shared script."""
+        with self._changed:
+            queue = self._keyed.setdefault(key, deque())
+            queue.extend(r if isinstance(r, ScriptedResponse) else ScriptedResponse(r) for r in responses)
+
+    def requests_for(self, key: str) -> list[RecordedRequest]:
+        """The requests that carried `Idempotency-Key: key`, oldest first."""
+        with self._changed:
+            return [r for r in self._requests if r.headers.get("idempotency-key") == key]
+
     @property
     def requests(self) -> list[RecordedRequest]:
         """A snapshot of the requests received so far, oldest first."""
@@ -190,7 +204,12 @@ class RecordingServer:
     def _record(self, request: RecordedRequest) -> ScriptedResponse:
         with self._changed:
             self._requests.append(request)
-            response = self._script.popleft() if self._script else self.default
+            keyed = self._keyed.get(request.headers.get("idempotency-key", ""))
+            if keyed is not None:
+                # A keyed message whose script ran out keeps the last answer (e.g. "always 503").
+                response = keyed.popleft() if len(keyed) > 1 else keyed[0]
+            else:
+                response = self._script.popleft() if self._script else self.default
             self._changed.notify_all()
             return response
 
