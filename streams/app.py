@@ -22,6 +22,7 @@ from faststream.specification import AsyncAPI
 
 from streams import health, metrics, topology
 from streams.deps import ADAPTERS, Adapters, install
+from streams.groups import keep_group_alive
 from streams.logging import configure_logging, get_logger
 from streams.middleware import make_middleware
 from streams.outlets import RabbitOutlet, RedisOutlet
@@ -85,6 +86,7 @@ async def on_startup() -> None:
         stream_sub = getattr(sub, "_stream_sub", None)
         if stream_sub is not None:
             stream_sub.consumer = name
+            keep_group_alive(sub)
     await rabbit.connect()
     await topology.declare_rabbit(rabbit)
     await topology.declare_redis(redis_client)

@@ -24,6 +24,12 @@ RETRIES_SCHEDULED = Counter(
     ["broker", "queue"],
     registry=REGISTRY,
 )
+GROUPS_RECREATED = Counter(
+    "pipeline_redis_groups_recreated",
+    "Redis consumer groups re-created after they were lost (a Redis restart without persistence).",
+    ["stream", "group"],
+    registry=REGISTRY,
+)
 
 
 def render() -> tuple[bytes, str]:

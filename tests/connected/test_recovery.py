@@ -7,6 +7,7 @@ scripted per message id (`Idempotency-Key`), so stray messages cannot disturb a 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import sqlite3
@@ -20,6 +21,7 @@ import pytest
 
 from streams import names
 from tests.connected.conftest import RabbitProbe, RedisProbe, Worker, start_worker, wait_ready, wait_until
+from tests.connected.redisserver import RedisServer
 from tests.httpserver import RecordingServer, ScriptedResponse
 
 BROKERS = ["rabbit", "redis"]
@@ -153,7 +155,7 @@ async def test_503_twice_then_200_delivers_on_attempt_3_with_measured_backoff(
     assert event["provider_id"] == "sent-1"
     calls = mail_server.requests_for(mid)
     assert len(calls) == 3
-    gaps = [round(b.received_at - a.received_at, 3) for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [round(b.received_at - a.received_at, 3) for a, b in itertools.pairwise(calls)]
     record_property("retry_gaps_seconds", gaps)
     print(f"{bus.broker} measured retry gaps: {gaps}")
     # Configured: 1 s after attempt 1, 2 s after attempt 2 (no jitter). RabbitMQ rounds a delay
@@ -305,3 +307,30 @@ async def _has_requests(server: RecordingServer, mid: str, count: int) -> bool:
 
 async def _all_requested(server: RecordingServer, mids: list[str]) -> bool:
     return all(server.requests_for(mid) for mid in mids)
+
+
+async def test_redis_restart_that_loses_the_group_is_survived(workers: Workers) -> None:
+    """A Redis restart without persistence drops every group: the worker re-creates it and keeps consuming."""
+    import redis.asyncio as aioredis
+
+    with RedisServer() as server:
+        worker = await workers.start(PIPELINE_REDIS_URL=server.url)
+        client = aioredis.from_url(server.url)
+        probe = RedisProbe(client)
+        try:
+            await probe.start()
+            before = await probe.publish("email", email())
+            await probe.wait_event(names.EMAIL_SENT, before)
+            await asyncio.to_thread(server.restart)
+            await client.aclose()
+            client = aioredis.from_url(server.url)
+            probe = RedisProbe(client)
+            probe.events_from = b"0-0"
+            after = await probe.publish("email", email())  # XADD recreates the stream, not the group
+            await probe.wait_event(names.EMAIL_SENT, after, timeout=30)
+            assert worker.proc.poll() is None, "the worker did not exit"
+            groups = {g["name"] for g in await client.xinfo_groups("email")}
+            assert names.EMAIL_GROUP.encode() in groups
+            assert "re-created it" in worker.log(), "the group was lost and re-created, not merely waited for"
+        finally:
+            await client.aclose()
