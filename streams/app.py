@@ -47,6 +47,7 @@ rabbit = RabbitBroker(
     graceful_timeout=settings.graceful_timeout,
     description="Commands on exchange `tasks`, outcome events on topic exchange `events`.",
     logger=logging.getLogger("faststream.rabbit"),
+    log_level=logging.DEBUG,  # per-message lines come from the pipeline, with every id bound
     middlewares=[RabbitPrometheusMiddleware(registry=metrics.REGISTRY, app_name=settings.service_name)],
 )
 redis = RedisBroker(
@@ -55,12 +56,13 @@ redis = RedisBroker(
     graceful_timeout=settings.graceful_timeout,
     description="Commands on streams `email` and `ai.completion`, outcome events on stream `events`.",
     logger=logging.getLogger("faststream.redis"),
+    log_level=logging.DEBUG,
     middlewares=[RedisPrometheusMiddleware(registry=metrics.REGISTRY, app_name=settings.service_name)],
 )
 
 publishers = declare_publishers(rabbit, redis)
-rabbit_outlet = RabbitOutlet(rabbit, publishers.rabbit_events, publishers.rabbit_dead_letters)
-redis_outlet = RedisOutlet(redis, publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
+rabbit_outlet = RabbitOutlet(publishers.rabbit_events, publishers.rabbit_dead_letters, publishers.rabbit_delay)
+redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
 mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)

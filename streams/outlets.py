@@ -7,9 +7,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from faststream.message import StreamMessage
-from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher.usecase import RabbitPublisher
-from faststream.redis import RedisBroker
 from faststream.redis.parser import BinaryMessageFormatV1
 from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 
@@ -52,11 +50,14 @@ class RabbitOutlet:
     transport: Transport = "rabbit"
 
     def __init__(
-        self, broker: RabbitBroker, events: dict[str, RabbitPublisher], dead_letters: dict[str, RabbitPublisher]
+        self,
+        events: dict[str, RabbitPublisher],
+        dead_letters: dict[str, RabbitPublisher],
+        delay: RabbitPublisher,
     ) -> None:
-        self.broker = broker
         self.events = events
         self.dead_letters = dead_letters
+        self.delay = delay
 
     def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
         raw = msg.raw_message
@@ -101,9 +102,8 @@ class RabbitOutlet:
         await self.dead_letters[env.source].publish(env.body, **self._properties(env, headers))
 
     async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
-        await self.broker.publish(
+        await self.delay.publish(
             env.body,
-            exchange=topology.delay_exchange(topology.DELAY_LEVELS - 1).name,
             routing_key=topology.delay_routing_key(delay, env.source),
             **self._properties(env, headers),
         )
@@ -114,10 +114,7 @@ class RedisOutlet:
 
     transport: Transport = "redis"
 
-    def __init__(
-        self, broker: RedisBroker, events: RedisPublisher, client: aioredis.Redis, groups: dict[str, str]
-    ) -> None:
-        self.broker = broker
+    def __init__(self, events: RedisPublisher, client: aioredis.Redis, groups: dict[str, str]) -> None:
         self.events = events
         self.client = client
         self.groups = groups

@@ -37,6 +37,17 @@ DEAD_LETTER_DOC = (
 )
 
 
+RETRY_DOC = (
+    "Broker-held retries. A transiently failed command is published here, body untouched, with "
+    "header x-attempts (the next attempt), x-first-failure-at, x-last-failure-at, x-exception-type "
+    "and x-exception-message. The routing key spells the delay in seconds in binary, one bit per "
+    "delay level (`delay.level.15` ... `delay.level.00`, each a queue holding messages 2**k s), "
+    "followed by the destination queue; after the last level `delay.deliver` routes it home. "
+    "On Redis the same retry waits in sorted set `{<stream>}:retry` (score = due time) and is "
+    "moved back into its stream atomically when due."
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Publishers:
     """Every publisher the pipeline uses, by role."""
@@ -45,6 +56,7 @@ class Publishers:
     rabbit_dead_letters: dict[str, RabbitPublisher]
     redis_events: RedisPublisher
     redis_dead_letters: dict[str, RedisPublisher]
+    rabbit_delay: RabbitPublisher
 
 
 def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
@@ -88,4 +100,11 @@ def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
         )
         for stream, _ in topology.COMMAND_STREAMS
     }
-    return Publishers(rabbit_events, rabbit_dead_letters, redis_events, redis_dead_letters)
+    rabbit_delay = rabbit.publisher(
+        exchange=topology.delay_exchange(topology.DELAY_LEVELS - 1),
+        persist=True,
+        title="delay:retry",
+        description=RETRY_DOC,
+        schema=bytes,
+    )
+    return Publishers(rabbit_events, rabbit_dead_letters, redis_events, redis_dead_letters, rabbit_delay)
