@@ -4,18 +4,21 @@ from schemas.commands import Command, RequestCompletion, SendEmail
 from schemas.context import MessageContext
 from schemas.events import (
     CompletionFailed,
+    CompletionRequested,
     CompletionSucceeded,
     EmailFailed,
     EmailSent,
     Event,
     MessageDeadLettered,
     OutcomeEvent,
+    RetryScheduled,
 )
 from schemas.failures import FailureKind
 
 __all__ = (
     "Command",
     "CompletionFailed",
+    "CompletionRequested",
     "CompletionSucceeded",
     "EmailFailed",
     "EmailSent",
@@ -25,5 +28,6 @@ __all__ = (
     "MessageDeadLettered",
     "OutcomeEvent",
     "RequestCompletion",
+    "RetryScheduled",
     "SendEmail",
 )

@@ -88,3 +88,24 @@ class MessageDeadLettered(Event):
 
 
 OutcomeEvent: TypeAlias = EmailSent | EmailFailed | CompletionSucceeded | CompletionFailed | MessageDeadLettered
+
+
+class CompletionRequested(Event):
+    """A completion command arrived (kept in the event store, not published)."""
+
+    TYPE: ClassVar[str] = "completion.requested"
+    type: Literal["completion.requested"] = "completion.requested"
+    task_id: str
+    model: str
+
+
+class RetryScheduled(Event):
+    """An attempt failed transiently and the broker holds the message for another (store only)."""
+
+    TYPE: ClassVar[str] = "message.retry_scheduled"
+    type: Literal["message.retry_scheduled"] = "message.retry_scheduled"
+    queue: str
+    attempt: int = Field(ge=1, description="The attempt that failed.")
+    delay_seconds: float = Field(ge=0)
+    exception_type: str
+    exception_message: Annotated[str, Field(max_length=2000)]

@@ -5,6 +5,7 @@ Run with `faststream run streams.app:app --host 0.0.0.0 --port 8000`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -37,7 +38,13 @@ settings = get_settings()
 configure_logging(settings.log_level, settings.log_format)
 log = get_logger("pipeline.app")
 
-store = EventStore(settings.database_url)
+CONSUMER = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+store = EventStore(
+    settings.database_url,
+    owner=CONSUMER,
+    max_batch=settings.store_batch_max,
+    max_wait=settings.store_batch_wait_ms / 1000,
+)
 pipeline = Pipeline(settings, store)
 redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
 
@@ -72,18 +79,13 @@ redis.add_middleware(make_middleware(pipeline, redis_outlet, frozenset(s for s, 
 subscribers = register(rabbit, redis, pipeline, settings)
 
 
-def consumer_name() -> str:
-    """This process's Redis consumer name: unique per process, readable in XINFO."""
-    return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
 async def on_startup() -> None:
     """Connect the store, choose adapters, declare the topology before any subscriber starts."""
     # uvicorn configured its own loggers after import: route them through structlog again.
     configure_logging(settings.log_level, settings.log_format)
     await store.start()
     install(Adapters.from_settings(settings))
-    name = consumer_name()
+    name = CONSUMER  # this process's Redis consumer name and outbox owner: unique per process
     for sub in subscribers.values():
         stream_sub = getattr(sub, "_stream_sub", None)
         if stream_sub is not None:
@@ -93,12 +95,15 @@ async def on_startup() -> None:
     await topology.declare_rabbit(rabbit)
     await topology.declare_redis(redis_client)
     mover.start()
+    pipeline.relay.start()
     log.info("starting", consumer=name, settings=settings.safe_dump())
 
 
 async def on_shutdown() -> None:
-    """Stop the retry mover before the brokers stop; scheduled retries stay in Redis."""
-    await mover.stop()
+    """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
+    await asyncio.gather(*(sub.stop() for sub in subscribers.values()))
+    await mover.stop()  # scheduled retries stay in Redis for the next mover
+    await pipeline.relay.stop(flush_timeout=settings.graceful_timeout / 2)
 
 
 async def after_shutdown() -> None:

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -395,7 +396,7 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _when(value: Any) -> str:
+def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
 
@@ -681,7 +682,8 @@ def dlq_purge(
     deleted, purged = _run(_purge(settings, plan, broker_queues, timeout))
     for (transport, name), count in sorted(purged.items()):
         kind_of = "RabbitMQ queue" if transport == "rabbit" else "Redis stream"
-        typer.echo(f"emptied {kind_of} {name!r}: {_n(count or 0, 'message')} removed")
+        removed = "it does not exist" if count is None else f"{_n(count, 'message')} removed"
+        typer.echo(f"emptied {kind_of} {name!r}: {removed}")
     typer.echo(f"deleted {_n(deleted, 'dead letter')} from the database")
 
 

@@ -31,7 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from streams import names
 from streams.settings import mask_url
-from streams.store import EventStore, dead_letters
+from streams.store import EventStore
+from streams.tables import dead_letters
 
 H_REPLAYED_FROM = "x-replayed-from"
 DATA_KEY = b"__data__"
@@ -463,7 +464,7 @@ class BrokerPublisher:
                 f"no confirm from RabbitMQ for dead letter {letter.id} within {self.timeout:g}s; "
                 "it may have arrived anyway, it is not marked replayed"
             ) from exc
-        except (aiormq.exceptions.AMQPError, OSError) as exc:
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError) as exc:
             raise BrokerError(f"cannot replay dead letter {letter.id} to {where}: {reason(exc)}") from exc
         return where
 

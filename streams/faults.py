@@ -1,8 +1,11 @@
-"""Fault injection for the chaos and poison tests, switched on only by an environment variable.
+"""Fault injection for the chaos and poison tests, switched on only by environment variables.
 
-With `PIPELINE_FAULT_CRASH_MARKER` set, a command whose bytes contain the marker kills its
-worker with SIGKILL before the handler runs: the way a real poison message (a segfaulting
-library, an out-of-memory kill) looks to the broker. Unset, this module does nothing.
+With `PIPELINE_FAULT_CRASH_MARKER` set, a message whose bytes contain the marker kills its
+worker with SIGKILL at each point named in `PIPELINE_FAULT_CRASH_POINTS` (default
+`before_handler`): `before_handler`, `after_handler` (side effect done, nothing committed),
+`after_commit` (outcome committed, message not yet acknowledged), `before_publish` (the relay
+is about to publish the outcome). It is the way a real poison message or an OOM kill looks to
+the broker. With the marker unset, this module does nothing.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ import os
 import signal
 
 _MARKER = os.environ.get("PIPELINE_FAULT_CRASH_MARKER", "").encode()
+_POINTS = frozenset(
+    p.strip() for p in os.environ.get("PIPELINE_FAULT_CRASH_POINTS", "before_handler").split(",") if p.strip()
+)
 
 
-def crash_if_marked(body: bytes) -> None:
-    """Kill this process at once when the body carries the crash marker."""
-    if _MARKER and _MARKER in body:
+def crash_at(point: str, data: bytes) -> None:
+    """Kill this process at once when `point` is armed and `data` carries the crash marker."""
+    if _MARKER and point in _POINTS and _MARKER in data:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from schemas import (
     CompletionFailed,
+    CompletionRequested,
     EmailFailed,
     Event,
     FailureKind,
@@ -46,4 +47,7 @@ COMPLETION: Flow[RequestCompletion] = Flow(
     command=RequestCompletion,
     stream_id=lambda cmd, ctx: f"completion-{cmd.task_id}",
     failed=_completion_failed,
+    requested=lambda cmd, ctx: CompletionRequested(
+        message_id=ctx.message_id, correlation_id=ctx.correlation_id, task_id=cmd.task_id, model=cmd.model
+    ),
 )

@@ -24,6 +24,12 @@ RETRIES_SCHEDULED = Counter(
     ["broker", "queue"],
     registry=REGISTRY,
 )
+DUPLICATES = Counter(
+    "pipeline_duplicates_skipped",
+    "Messages whose outcome was already committed (redelivered or re-published): no second effect.",
+    ["broker", "queue"],
+    registry=REGISTRY,
+)
 GROUPS_RECREATED = Counter(
     "pipeline_redis_groups_recreated",
     "Redis consumer groups re-created after they were lost (a Redis restart without persistence).",

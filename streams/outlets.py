@@ -11,7 +11,6 @@ from faststream.rabbit.publisher.usecase import RabbitPublisher
 from faststream.redis.parser import BinaryMessageFormatV1
 from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 
-from schemas import Event
 from streams import names, scheduler, topology
 from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
 
@@ -27,8 +26,10 @@ class Outlet(Protocol):
         """Read a received message once into an Envelope."""
         ...
 
-    async def publish_event(self, event: Event) -> None:
-        """Publish an outcome event on `events`, persistently."""
+    async def publish_event(
+        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
+    ) -> None:
+        """Publish an outcome event (JSON bytes) on `events`, persistently."""
         ...
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
@@ -77,14 +78,17 @@ class RabbitOutlet:
             redeliveries=parse_count(headers.get("x-delivery-count")),
         )
 
-    async def publish_event(self, event: Event) -> None:
-        await self.events[event.TYPE].publish(
-            event,
-            routing_key=event.TYPE,
+    async def publish_event(
+        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
+    ) -> None:
+        await self.events[event_type].publish(
+            payload,
+            routing_key=event_type,
             persist=True,
-            message_id=event.event_id,
-            correlation_id=event.correlation_id,
-            headers={names.H_EVENT_TYPE: event.TYPE, names.H_MESSAGE_ID: event.message_id},
+            message_id=event_id,
+            correlation_id=correlation_id,
+            content_type="application/json",
+            headers={names.H_EVENT_TYPE: event_type, names.H_MESSAGE_ID: message_id},
         )
 
     @staticmethod
@@ -148,14 +152,17 @@ class RedisOutlet:
             entry_id=entry_id,
         )
 
-    async def publish_event(self, event: Event) -> None:
+    async def publish_event(
+        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
+    ) -> None:
         await self.events.publish(
-            event,
-            correlation_id=event.correlation_id,
+            payload,
+            correlation_id=correlation_id,
             headers={
-                names.H_EVENT_TYPE: event.TYPE,
-                names.H_MESSAGE_ID: event.message_id,
-                "message_id": event.event_id,
+                "content-type": "application/json",
+                names.H_EVENT_TYPE: event_type,
+                names.H_MESSAGE_ID: message_id,
+                "message_id": event_id,
             },
         )
 

@@ -9,15 +9,16 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from handlers.errors import InvalidMessageError, PipelineError
-from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered
+from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered, RetryScheduled
 from streams import faults, metrics, names
 from streams.alerts import Alerter
 from streams.envelope import Envelope, Transport
 from streams.failures import Failure, classify
 from streams.logging import get_logger
 from streams.outlets import Outlet
+from streams.relay import Relay
 from streams.settings import Settings
-from streams.store import EventStore
+from streams.store import Commit, EventStore, Outcome
 
 log = get_logger("pipeline")
 
@@ -36,6 +37,8 @@ class Flow(Generic[C]):
     command: type[C]
     stream_id: Callable[[C, MessageContext], str]
     failed: Callable[[C, MessageContext, FailureKind, str], Event]
+    # An event recorded (not published) when the command first arrives, before the handler runs.
+    requested: Callable[[C, MessageContext], Event] | None = None
 
 
 class Delivery:
@@ -57,6 +60,7 @@ class Pipeline:
         self.store = store
         self.alerter = alerter or Alerter(str(settings.alert_url) if settings.alert_url else None)
         self.outlets: dict[Transport, Outlet] = {}
+        self.relay = Relay(store, self.outlets)
         self.flows_by_source: dict[str, str] = {}
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
 
@@ -81,22 +85,30 @@ class Pipeline:
         return True
 
     async def run(self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]) -> None:
-        """Run the handler of a decoded command and record its outcome."""
+        """Run the handler of a decoded command once, and commit its outcome with the inbox entry."""
         delivery.command = cmd
         delivery.flow = flow  # type: ignore[assignment]  # Flow is invariant; C is a Command
         env = delivery.envelope
-        faults.crash_if_marked(env.body)
+        ctx = env.context
+        stream_id = flow.stream_id(cmd, ctx)
+        if await self.store.seen(flow.name, env.message_id):
+            # Redelivered or re-published after its outcome was committed: no second effect.
+            metrics.DUPLICATES.labels(env.transport, env.source).inc()
+            log.info("duplicate skipped", stream_id=stream_id)
+            return
+        if flow.requested is not None and env.attempt == 1:
+            await self.store.commit(Commit(stream_id, [flow.requested(cmd, ctx)], env, publish=False))
+        faults.crash_at("before_handler", env.body)
         outcome = await handle()
-        await self.record(env, flow.stream_id(cmd, env.context), [outcome])
+        faults.crash_at("after_handler", env.body)
+        done = await self.store.commit(Commit(stream_id, [outcome], env, consumer=flow.name))
+        if done.outcome is Outcome.DUPLICATE:
+            metrics.DUPLICATES.labels(env.transport, env.source).inc()
+            log.info("duplicate skipped at commit", stream_id=stream_id)
+            return
+        self.relay.kick()
+        faults.crash_at("after_commit", env.body)
         log.info("handled", event_type=outcome.TYPE, attempt=env.attempt)
-
-    async def record(self, env: Envelope, stream_id: str, evts: list[Event]) -> None:
-        """Append events to the store, then publish them on the message's own broker."""
-        await self.store.append(stream_id, evts, env)
-        outlet = self.outlets[env.transport]
-        for ev in evts:
-            await outlet.publish_event(ev)
-            metrics.EVENTS_PUBLISHED.labels(env.transport, ev.TYPE).inc()
 
     async def fail(self, delivery: Delivery, exc: BaseException) -> None:
         """Classify a failure once: retry it later through the broker, or dead-letter it now."""
@@ -109,13 +121,14 @@ class Pipeline:
                 env.attempt, failure.first_failure_at, failure.last_failure_at, self.rng
             )
             if delay is not None:
-                await self._retry(env, failure, delay)
+                await self._retry(delivery, failure, delay)
                 return
             await self.dead_letter(delivery, failure)
             return
         await self.dead_letter(delivery, Failure.of(exc, kind, env))
 
-    async def _retry(self, env: Envelope, failure: Failure, delay: float) -> None:
+    async def _retry(self, delivery: Delivery, failure: Failure, delay: float) -> None:
+        env = delivery.envelope
         headers = {
             names.H_ATTEMPTS: str(env.attempt + 1),
             names.H_FIRST_FAILURE_AT: failure.first_failure_at.isoformat(),
@@ -127,6 +140,18 @@ class Pipeline:
         }
         await self.outlets[env.transport].retry_later(env, delay, headers)
         metrics.RETRIES_SCHEDULED.labels(env.transport, env.source).inc()
+        if delivery.command is not None and delivery.flow is not None:
+            scheduled = RetryScheduled(
+                message_id=env.message_id,
+                correlation_id=env.correlation_id,
+                queue=env.source,
+                attempt=env.attempt,
+                delay_seconds=round(delay, 3),
+                exception_type=failure.exception_type,
+                exception_message=failure.exception_message,
+            )
+            stream_id = delivery.flow.stream_id(delivery.command, env.context)
+            await self.store.commit(Commit(stream_id, [scheduled], env, publish=False))
         log.info(
             "retry scheduled",
             attempt=env.attempt,
@@ -140,16 +165,7 @@ class Pipeline:
         """Park the message with its story, keep it for review, alert, and say so in events."""
         env = delivery.envelope
         await self.outlets[env.transport].dead_letter(env, failure.headers(env))
-        dead_letter_id = await self.store.record_dead_letter(env, failure)
         metrics.DEAD_LETTERS.labels(env.transport, env.source, failure.kind.value).inc()
-        log.warning(
-            "dead-lettered",
-            failure_kind=failure.kind.value,
-            exception_type=failure.exception_type,
-            exception_message=failure.exception_message,
-            attempts=failure.attempts,
-            dead_letter_id=dead_letter_id,
-        )
         ctx = env.context
         outcome: list[Event] = []
         stream_id = f"deadletter-{env.message_id}"
@@ -169,8 +185,17 @@ class Pipeline:
                 attempts=failure.attempts,
             )
         )
-        await self.record(env, stream_id, outcome)
-        await self.alerter.dead_lettered(env, failure, dead_letter_id)
+        done = await self.store.commit(Commit(stream_id, outcome, env, dead_letter=failure))
+        self.relay.kick()
+        log.warning(
+            "dead-lettered",
+            failure_kind=failure.kind.value,
+            exception_type=failure.exception_type,
+            exception_message=failure.exception_message,
+            attempts=failure.attempts,
+            dead_letter_id=done.dead_letter_id,
+        )
+        await self.alerter.dead_lettered(env, failure, done.dead_letter_id or 0)
 
     async def close(self) -> None:
         """Release what the pipeline holds."""

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     redis_claim_idle_ms: int = Field(60_000, ge=100)
     redis_mover_interval_ms: int = Field(200, ge=10)
 
+    store_batch_max: int = Field(256, ge=1, le=10_000)
+    store_batch_wait_ms: float = Field(0.0, ge=0, le=1_000)
+
     max_body_bytes: int = Field(1_048_576, ge=1)
     alert_url: HttpUrl | None = None
 

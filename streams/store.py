@@ -1,84 +1,62 @@
-"""The event store: an append-only `events` log and the dead letters kept for review (SQLAlchemy 2 async)."""
+"""The event store: append-only log, inbox, outbox and dead letters, written by group commit.
+
+One `Commit` is everything one message changes: its events (appended to one stream at the next
+versions), the inbox entry that makes handling idempotent, the outbox rows that the relay
+publishes, the dead letter kept for review, and the live projections. All of it lands in one
+transaction, shared with whatever other messages committed at the same moment.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    DateTime,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    event,
-    func,
-    insert,
-    select,
-    text,
-)
+from sqlalchemy import event, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from handlers.errors import TransientError
 from schemas import Event
+from streams import projections
+from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.failures import Failure
-
-metadata = MetaData()
-
-# BigInteger ids autoincrement on PostgreSQL; SQLite only does so for INTEGER PRIMARY KEY.
-_Position = BigInteger().with_variant(Integer(), "sqlite")
-
-events = Table(
-    "events",
-    metadata,
-    Column("position", _Position, primary_key=True, autoincrement=True, comment="global order"),
-    Column("stream_id", String(300), nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("event_id", String(64), nullable=False, unique=True),
-    Column("type", String(64), nullable=False),
-    Column("data", JSON, nullable=False),
-    Column("metadata", JSON, nullable=False),
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("stream_id", "version", name="uq_events_stream_version"),
-    Index("ix_events_type", "type"),
-)
-
-dead_letters = Table(
-    "dead_letters",
-    metadata,
-    Column("id", _Position, primary_key=True, autoincrement=True),
-    Column("transport", String(16), nullable=False),
-    Column("queue", String(255), nullable=False),
-    Column("message_id", String(256), nullable=False),
-    Column("correlation_id", String(256), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("exception_type", String(255), nullable=False),
-    Column("exception_message", Text, nullable=False),
-    Column("stacktrace", Text, nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("headers", JSON, nullable=False),
-    Column("body", LargeBinary, nullable=False),
-    Column("fields", JSON, nullable=True, comment="Redis entry fields, hex-encoded"),
-    Column("dead_lettered_at", DateTime(timezone=True), nullable=False),
-    Column("replayed_at", DateTime(timezone=True), nullable=True),
-    Index("ix_dead_letters_queue_kind", "queue", "kind"),
-)
+from streams.tables import dead_letters, email_log, events, inbox, metadata, outbox, task_status
 
 
 class ConcurrencyError(TransientError):
     """Raised when another writer appended to the same stream at the same version first."""
+
+
+class Outcome(StrEnum):
+    """What became of a commit."""
+
+    COMMITTED = "committed"
+    DUPLICATE = "duplicate"  # the inbox already held (consumer, message id): nothing was written
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Everything one message changes, written atomically."""
+
+    stream_id: str
+    events: Sequence[Event]
+    env: Envelope
+    publish: bool = True  # also put the events in the outbox
+    consumer: str | None = None  # inbox key with env.message_id; None: no idempotency entry
+    dead_letter: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The result of one commit."""
+
+    outcome: Outcome
+    dead_letter_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,48 +74,51 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskView:
-    """A completion task's status, folded from its events."""
+class PendingEvent:
+    """An outbox row waiting to be published."""
 
-    task_id: str
-    status: str
-    result: str | None
-    reason: str | None
-    events: int
+    id: int
+    event_id: str
+    transport: str
+    event_type: str
+    payload: bytes
+    message_id: str
+    correlation_id: str
 
 
-def fold_task(task_id: str, history: Sequence[StoredEvent]) -> TaskView:
-    """Completion task status as a fold over its events (pure)."""
-    status, result, reason = "requested", None, None
-    for ev in history:
-        if ev.type == "completion.succeeded":
-            status, result = "succeeded", ev.data.get("completion")
-        elif ev.type == "completion.failed":
-            status, reason = "failed", ev.data.get("reason")
-        elif ev.type == "message.dead_lettered":
-            # A valid command that failed for good is `failed` (and parked); otherwise parked.
-            if status not in {"succeeded", "failed"}:
-                status = "dead-lettered"
-            reason = reason or ev.data.get("exception_message")
-    return TaskView(task_id, status, result, reason, len(history))
+@dataclass
+class _Plan:
+    """Rows of one batch, built before the transaction opens."""
+
+    results: list[Committed] = field(default_factory=list)
+    inbox: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
 
 
 class EventStore:
-    """Appends events and dead letters; answers queries over them."""
+    """SQLite (WAL) by default, PostgreSQL via asyncpg; concurrent commits share transactions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, owner: str = "worker", max_batch: int = 256, max_wait: float = 0.0) -> None:
         self.url = url
+        self.owner = owner
         self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.committer: GroupCommitter[Commit, Committed] = GroupCommitter(self._write, max_batch, max_wait)
 
-    async def start(self) -> None:
-        """Create the tables if missing (Alembic migrations arrive with the full store)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self, *, create: bool = True) -> None:
+        """Create missing tables (tests and first runs) and start group commit."""
+        if create:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+        self.committer.start()
 
     async def close(self) -> None:
-        """Release every connection."""
+        """Finish queued commits and release every connection."""
+        await self.committer.stop()
         await self.engine.dispose()
 
     async def ping(self) -> bool:
@@ -149,67 +130,127 @@ class EventStore:
             return False
         return True
 
-    async def append(self, stream_id: str, evts: Sequence[Event], env: Envelope) -> None:
-        """Append events to one stream, in one transaction, at the next versions."""
-        now = datetime.now(UTC)
-        try:
-            async with self.engine.begin() as conn:
-                current = await conn.scalar(
-                    select(func.coalesce(func.max(events.c.version), 0)).where(events.c.stream_id == stream_id)
-                )
-                version = int(current or 0)
-                for ev in evts:
-                    version += 1
-                    await self._append_one(conn, stream_id, version, ev, env, now)
-        except IntegrityError as exc:
-            raise ConcurrencyError(f"concurrent append to {stream_id}: {exc.orig}") from exc
+    # -- writing ---------------------------------------------------------------------------
 
-    @staticmethod
-    async def _append_one(
-        conn: AsyncConnection, stream_id: str, version: int, ev: Event, env: Envelope, now: datetime
-    ) -> None:
-        await conn.execute(
-            insert(events).values(
-                stream_id=stream_id,
-                version=version,
-                event_id=ev.event_id,
-                type=ev.TYPE,
-                data=ev.model_dump(mode="json"),
-                metadata={
-                    "message_id": env.message_id,
-                    "correlation_id": env.correlation_id,
-                    "causation_id": env.message_id,
-                    "attempt": env.attempt,
-                    "source": f"{env.transport}:{env.source}",
-                },
-                recorded_at=now,
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        """True when `consumer` already committed the outcome of `message_id`."""
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(
+                select(inbox.c.message_id).where(inbox.c.consumer == consumer, inbox.c.message_id == message_id)
             )
-        )
+        return found is not None
+
+    async def commit(self, unit: Commit) -> Committed:
+        """Write one message's changes, in a transaction shared with concurrent commits."""
+        return await self.committer.submit(unit)
 
     async def record_dead_letter(self, env: Envelope, failure: Failure) -> int:
-        """Keep a dead letter for review and replay; returns its id."""
-        fields = {k.hex(): v.hex() for k, v in env.fields.items()} if env.fields is not None else None
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                insert(dead_letters)
-                .values(
-                    transport=env.transport,
-                    queue=env.source,
-                    message_id=env.message_id,
-                    correlation_id=env.correlation_id,
-                    kind=failure.kind.value,
-                    exception_type=failure.exception_type,
-                    exception_message=failure.exception_message,
-                    stacktrace=failure.stacktrace,
-                    attempts=failure.attempts,
-                    headers=json.loads(json.dumps(env.headers, default=str)),
-                    body=env.body,
-                    fields=fields,
-                    dead_lettered_at=failure.last_failure_at,
+        """Keep a dead letter for review, on its own (no events); returns its id."""
+        done = await self.commit(Commit(f"deadletter-{env.message_id}", (), env, publish=False, dead_letter=failure))
+        assert done.dead_letter_id is not None
+        return done.dead_letter_id
+
+    async def _write(self, units: Sequence[Commit]) -> list[Committed]:
+        try:
+            async with self.engine.begin() as conn:
+                return await self._write_in(conn, units)
+        except IntegrityError as exc:
+            if len(units) == 1 and _is_inbox_conflict(exc):
+                return [Committed(Outcome.DUPLICATE)]
+            raise ConcurrencyError(f"concurrent write: {exc.orig}") from exc
+
+    async def _write_in(self, conn: AsyncConnection, units: Sequence[Commit]) -> list[Committed]:
+        now = datetime.now(UTC)
+        duplicates = await _already_in_inbox(conn, units)
+        versions = await _current_versions(conn, {u.stream_id for u in units})
+        plan = _Plan()
+        claimed: set[tuple[str, str]] = set()
+        for unit in units:
+            key = (unit.consumer or "", unit.env.message_id)
+            if unit.consumer is not None and (key in duplicates or key in claimed):
+                plan.results.append(Committed(Outcome.DUPLICATE))
+                continue
+            if unit.consumer is not None:
+                claimed.add(key)
+                plan.inbox.append({"consumer": unit.consumer, "message_id": unit.env.message_id, "recorded_at": now})
+            for ev in unit.events:
+                versions[unit.stream_id] = versions.get(unit.stream_id, 0) + 1
+                plan.events.append(_event_row(unit, ev, versions[unit.stream_id], now))
+                if unit.publish:
+                    plan.outbox.append(_outbox_row(unit, ev, self.owner, now))
+            dead_letter_id = None
+            if unit.dead_letter is not None:
+                dead_letter_id = await conn.scalar(
+                    insert(dead_letters)
+                    .values(_dead_letter_row(unit.env, unit.dead_letter))
+                    .returning(dead_letters.c.id)
                 )
-                .returning(dead_letters.c.id)
+            plan.results.append(Committed(Outcome.COMMITTED, dead_letter_id))
+        if plan.inbox:
+            await conn.execute(insert(inbox), plan.inbox)
+        if plan.events:
+            rows = await conn.execute(
+                insert(events).returning(events.c.position, sort_by_parameter_order=True), plan.events
             )
-            return int(result.scalar_one())
+            positions = [r[0] for r in rows]
+            await projections.apply(
+                conn,
+                [
+                    projections.Recorded(pos, row["stream_id"], row["type"], row["data"])
+                    for pos, row in zip(positions, plan.events, strict=True)
+                ],
+            )
+        if plan.outbox:
+            await conn.execute(insert(outbox), plan.outbox)
+        return plan.results
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    async def unpublished(self, *, limit: int = 500, orphaned_after: float = 30.0) -> list[PendingEvent]:
+        """Outbox rows to publish, oldest first: this worker's own, and others' left too long."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=orphaned_after)
+        query = (
+            select(outbox)
+            .where(outbox.c.published_at.is_(None), or_(outbox.c.owner == self.owner, outbox.c.created_at < cutoff))
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [
+            PendingEvent(
+                r["id"],
+                r["event_id"],
+                r["transport"],
+                r["event_type"],
+                r["payload"],
+                r["message_id"],
+                r["correlation_id"],
+            )
+            for r in rows
+        ]
+
+    async def mark_published(self, ids: Sequence[int]) -> None:
+        """Record that these outbox rows reached their broker."""
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=datetime.now(UTC)))
+
+    async def outbox_backlog(self) -> tuple[int, float]:
+        """Unpublished rows and the age in seconds of the oldest one."""
+        async with self.engine.connect() as conn:
+            count, oldest = (
+                await conn.execute(
+                    select(func.count(), func.min(outbox.c.created_at)).where(outbox.c.published_at.is_(None))
+                )
+            ).one()
+        if not oldest:
+            return int(count), 0.0
+        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+        return int(count), (datetime.now(UTC) - oldest).total_seconds()
+
+    # -- reading ---------------------------------------------------------------------------
 
     async def read(
         self, *, stream_id: str | None = None, type_: str | None = None, after: int = 0, limit: int = 1000
@@ -224,10 +265,98 @@ class EventStore:
             rows = (await conn.execute(query)).mappings().all()
         return [StoredEvent(**dict(r)) for r in rows]
 
-    async def task(self, task_id: str) -> TaskView | None:
-        """A completion task's status and result, or None when the store never saw it."""
-        history = await self.read(stream_id=f"completion-{task_id}")
-        return fold_task(task_id, history) if history else None
+    async def task(self, task_id: str) -> projections.TaskState | None:
+        """A completion task's live status, or None when the store never saw it."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(task_status).where(task_status.c.task_id == task_id))).mappings().first()
+        return projections.TaskState(**{k: row[k] for k in projections.TaskState.__dataclass_fields__}) if row else None
+
+    async def email(self, message_id: str) -> projections.EmailState | None:
+        """An e-mail command's live delivery record, or None."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(email_log).where(email_log.c.message_id == message_id))).mappings().first()
+        return (
+            projections.EmailState(**{k: row[k] for k in projections.EmailState.__dataclass_fields__}) if row else None
+        )
+
+
+async def _already_in_inbox(conn: AsyncConnection, units: Sequence[Commit]) -> set[tuple[str, str]]:
+    keyed = [(u.consumer, u.env.message_id) for u in units if u.consumer is not None]
+    if not keyed:
+        return set()
+    rows = await conn.execute(
+        select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_({m for _, m in keyed}))
+    )
+    return {(r[0], r[1]) for r in rows}
+
+
+async def _current_versions(conn: AsyncConnection, stream_ids: set[str]) -> dict[str, int]:
+    rows = await conn.execute(
+        select(events.c.stream_id, func.max(events.c.version))
+        .where(events.c.stream_id.in_(stream_ids))
+        .group_by(events.c.stream_id)
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def _metadata(env: Envelope) -> dict[str, Any]:
+    return {
+        "message_id": env.message_id,
+        "correlation_id": env.correlation_id,
+        "causation_id": env.message_id,
+        "attempt": env.attempt,
+        "source": f"{env.transport}:{env.source}",
+    }
+
+
+def _event_row(unit: Commit, ev: Event, version: int, now: datetime) -> dict[str, Any]:
+    return {
+        "stream_id": unit.stream_id,
+        "version": version,
+        "event_id": ev.event_id,
+        "type": ev.TYPE,
+        "data": ev.model_dump(mode="json"),
+        "metadata": _metadata(unit.env),
+        "recorded_at": now,
+    }
+
+
+def _outbox_row(unit: Commit, ev: Event, owner: str, now: datetime) -> dict[str, Any]:
+    return {
+        "event_id": ev.event_id,
+        "transport": unit.env.transport,
+        "event_type": ev.TYPE,
+        "payload": ev.model_dump_json().encode(),
+        "message_id": ev.message_id,
+        "correlation_id": ev.correlation_id,
+        "owner": owner,
+        "created_at": now,
+        "published_at": None,
+    }
+
+
+def _dead_letter_row(env: Envelope, failure: Failure) -> dict[str, Any]:
+    fields = {k.hex(): v.hex() for k, v in env.fields.items()} if env.fields is not None else None
+    return {
+        "transport": env.transport,
+        "queue": env.source,
+        "message_id": env.message_id,
+        "correlation_id": env.correlation_id,
+        "kind": failure.kind.value,
+        "exception_type": failure.exception_type,
+        "exception_message": failure.exception_message,
+        "stacktrace": failure.stacktrace,
+        "attempts": failure.attempts,
+        "headers": json.loads(json.dumps(env.headers, default=str)),
+        "body": env.body,
+        "fields": fields,
+        "dead_lettered_at": failure.last_failure_at,
+    }
+
+
+def _is_inbox_conflict(exc: IntegrityError) -> bool:
+    text_ = str(exc.orig).lower()
+    return "inbox" in text_ or "pk_inbox" in text_
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:

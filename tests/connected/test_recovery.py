@@ -162,7 +162,11 @@ async def test_503_twice_then_200_delivers_on_attempt_3_with_measured_backoff(
     # up to whole seconds; the Redis mover runs every 50 ms; both add the time to deliver.
     assert 0.95 <= gaps[0] <= 1.8, gaps
     assert 1.95 <= gaps[1] <= 2.8, gaps
-    assert event_types(workers, f"email-{mid}") == [names.EMAIL_SENT]
+    assert event_types(workers, f"email-{mid}") == [
+        "message.retry_scheduled",
+        "message.retry_scheduled",
+        names.EMAIL_SENT,
+    ]
 
 
 async def test_always_failing_mailer_ends_in_dlq_after_exactly_max_attempts(

@@ -77,6 +77,7 @@ class Harness:
                 correlation_id=props.pop("correlation_id", mid),
                 **props,
             )
+        await self.module.pipeline.relay.flush()  # outcomes leave through the outbox relay
         return mid
 
     def events(self, broker: str, event_type: str) -> list[dict[str, Any]]:
@@ -301,6 +302,7 @@ async def test_message_without_id_gets_a_stable_derived_one(harness: Harness) ->
     raw = json.dumps(EMAIL).encode()
     for _ in range(2):
         await harness.module.redis.publish(raw, stream=names.EMAIL_STREAM, correlation_id="")
+        await harness.module.pipeline.relay.flush()
     ids = {e["message_id"] for e in harness.events("redis", names.EMAIL_SENT)}
     assert len(ids) == 1
 

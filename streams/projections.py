@@ -1,0 +1,220 @@
+"""Projections as folds over the event log: completion task status and the e-mail delivery log.
+
+`evolve_*` are pure (state, event) -> state functions; `apply` folds a batch of freshly
+appended events into the live tables inside the same transaction; `rebuild` folds the whole log
+from scratch, so a rebuilt projection equals the live one by construction. `attempts` counts the
+attempts made or scheduled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from streams.tables import email_log, events, task_status
+
+TERMINAL_TASK = frozenset({"succeeded", "failed"})
+TERMINAL_EMAIL = frozenset({"sent", "failed"})
+REBUILD_CHUNK = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """An event as the log holds it."""
+
+    position: int
+    stream_id: str
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """One completion task."""
+
+    task_id: str
+    status: str
+    attempts: int
+    model: str | None
+    result: str | None
+    reason: str | None
+    message_id: str | None
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmailState:
+    """One e-mail command's delivery."""
+
+    message_id: str
+    recipient: str | None
+    subject: str | None
+    status: str
+    attempts: int
+    provider_id: str | None
+    reason: str | None
+    position: int
+
+
+def evolve_task(state: TaskState | None, ev: Recorded) -> TaskState | None:
+    """The task after one more event of its stream (`completion-<task_id>`)."""
+    if not ev.stream_id.startswith("completion-"):
+        return state
+    task_id = ev.stream_id.removeprefix("completion-")
+    s = state or TaskState(task_id, "requested", 0, None, None, None, None, ev.position)
+    d = ev.data
+    s = replace(s, position=ev.position, message_id=d.get("message_id", s.message_id))
+    if ev.type == "completion.requested":
+        return replace(s, model=d.get("model"), attempts=max(s.attempts, 1))
+    if ev.type == "message.retry_scheduled":
+        if s.status in TERMINAL_TASK:
+            return s
+        return replace(s, status="processing", attempts=max(s.attempts, int(d.get("attempt", 1)) + 1))
+    if ev.type == "completion.succeeded":
+        return replace(
+            s,
+            status="succeeded",
+            result=d.get("completion"),
+            model=d.get("model", s.model),
+            reason=None,
+            attempts=max(s.attempts, 1),
+        )
+    if ev.type == "completion.failed":
+        return replace(s, status="failed", reason=d.get("reason"), model=d.get("model", s.model))
+    if ev.type == "message.dead_lettered":
+        status = s.status if s.status in TERMINAL_TASK else "dead-lettered"
+        return replace(
+            s,
+            status=status,
+            attempts=max(s.attempts, int(d.get("attempts", 0))),
+            reason=s.reason or d.get("exception_message"),
+        )
+    return s
+
+
+def evolve_email(state: EmailState | None, ev: Recorded) -> EmailState | None:
+    """The delivery after one more event of its stream (`email-<message_id>`)."""
+    if not ev.stream_id.startswith("email-"):
+        return state
+    s = state or EmailState(ev.stream_id.removeprefix("email-"), None, None, "pending", 0, None, None, ev.position)
+    d = ev.data
+    s = replace(s, position=ev.position)
+    if ev.type == "message.retry_scheduled":
+        if s.status in TERMINAL_EMAIL:
+            return s
+        return replace(s, status="retrying", attempts=max(s.attempts, int(d.get("attempt", 1)) + 1))
+    if ev.type == "email.sent":
+        return replace(
+            s,
+            status="sent",
+            recipient=d.get("to"),
+            subject=d.get("subject"),
+            provider_id=d.get("provider_id"),
+            reason=None,
+            attempts=max(s.attempts, 1),
+        )
+    if ev.type == "email.failed":
+        return replace(s, status="failed", recipient=d.get("to"), reason=d.get("reason"), attempts=max(s.attempts, 1))
+    if ev.type == "message.dead_lettered":
+        status = s.status if s.status in TERMINAL_EMAIL else "dead-lettered"
+        return replace(
+            s,
+            status=status,
+            attempts=max(s.attempts, int(d.get("attempts", 0))),
+            reason=s.reason or d.get("exception_message"),
+        )
+    return s
+
+
+def fold(
+    tasks: dict[str, TaskState], emails: dict[str, EmailState], batch: Iterable[Recorded]
+) -> tuple[set[str], set[str]]:
+    """Fold events into the states in place; returns the task ids and message ids that changed."""
+    changed_tasks: set[str] = set()
+    changed_emails: set[str] = set()
+    for ev in batch:
+        if ev.stream_id.startswith("completion-"):
+            key = ev.stream_id.removeprefix("completion-")
+            new_task = evolve_task(tasks.get(key), ev)
+            if new_task is not None:
+                tasks[key] = new_task
+                changed_tasks.add(key)
+        elif ev.stream_id.startswith("email-"):
+            key = ev.stream_id.removeprefix("email-")
+            new_email = evolve_email(emails.get(key), ev)
+            if new_email is not None:
+                emails[key] = new_email
+                changed_emails.add(key)
+    return changed_tasks, changed_emails
+
+
+async def apply(conn: AsyncConnection, batch: Sequence[Recorded]) -> None:
+    """Fold freshly appended events into the live projection tables (same transaction)."""
+    task_ids = {e.stream_id.removeprefix("completion-") for e in batch if e.stream_id.startswith("completion-")}
+    email_ids = {e.stream_id.removeprefix("email-") for e in batch if e.stream_id.startswith("email-")}
+    tasks: dict[str, TaskState] = {}
+    emails: dict[str, EmailState] = {}
+    if task_ids:
+        rows = await conn.execute(select(task_status).where(task_status.c.task_id.in_(task_ids)))
+        tasks = {r.task_id: _task_from_row(r._mapping) for r in rows}
+    if email_ids:
+        rows = await conn.execute(select(email_log).where(email_log.c.message_id.in_(email_ids)))
+        emails = {r.message_id: _email_from_row(r._mapping) for r in rows}
+    changed_tasks, changed_emails = fold(tasks, emails, batch)
+    await _write(conn, {k: tasks[k] for k in changed_tasks}, {k: emails[k] for k in changed_emails})
+
+
+async def rebuild(engine: AsyncEngine) -> tuple[int, int, int]:
+    """Rebuild both projections from the whole log; returns (events read, tasks, e-mails)."""
+    tasks: dict[str, TaskState] = {}
+    emails: dict[str, EmailState] = {}
+    after, seen = 0, 0
+    async with engine.connect() as conn:
+        while True:
+            query = (
+                select(events.c.position, events.c.stream_id, events.c.type, events.c.data)
+                .where(events.c.position > after)
+                .order_by(events.c.position)
+                .limit(REBUILD_CHUNK)
+            )
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                break
+            fold(tasks, emails, (Recorded(r[0], r[1], r[2], r[3]) for r in rows))
+            after, seen = rows[-1][0], seen + len(rows)
+    async with engine.begin() as conn:
+        await conn.execute(delete(task_status))
+        await conn.execute(delete(email_log))
+        await _write(conn, tasks, emails, replace_existing=False)
+    return seen, len(tasks), len(emails)
+
+
+async def _write(
+    conn: AsyncConnection,
+    tasks: dict[str, TaskState],
+    emails: dict[str, EmailState],
+    *,
+    replace_existing: bool = True,
+) -> None:
+    now = datetime.now(UTC)
+    if tasks:
+        if replace_existing:
+            await conn.execute(delete(task_status).where(task_status.c.task_id.in_(tasks)))
+        await conn.execute(insert(task_status), [{**asdict(t), "updated_at": now} for t in tasks.values()])
+    if emails:
+        if replace_existing:
+            await conn.execute(delete(email_log).where(email_log.c.message_id.in_(emails)))
+        await conn.execute(insert(email_log), [{**asdict(e), "updated_at": now} for e in emails.values()])
+
+
+def _task_from_row(row: Any) -> TaskState:
+    return TaskState(**{k: row[k] for k in TaskState.__dataclass_fields__})
+
+
+def _email_from_row(row: Any) -> EmailState:
+    return EmailState(**{k: row[k] for k in EmailState.__dataclass_fields__})

@@ -1,0 +1,106 @@
+"""The outbox relay: publishes committed outcome events, in order, and marks them published.
+
+The relay is the only publisher of outcome events. A commit kicks it; it also wakes every
+`interval` to pick up what a broker outage held back, and rows other workers left behind when
+they died (after `orphaned_after`). While a broker is down the rows wait in the database; once it
+is back they go out oldest first. A crash between publishing and marking republishes those
+events once: consumers dedupe on `event_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+from streams import faults, metrics
+from streams.envelope import Transport
+from streams.logging import get_logger
+from streams.outlets import Outlet
+from streams.store import EventStore, PendingEvent
+
+log = get_logger("pipeline.relay")
+
+
+class Relay:
+    """Moves outbox rows to their brokers."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        outlets: Mapping[Transport, Outlet],
+        *,
+        batch: int = 500,
+        interval: float = 1.0,
+        orphaned_after: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.outlets = outlets
+        self.batch = batch
+        self.interval = interval
+        self.orphaned_after = orphaned_after
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    def kick(self) -> None:
+        """Something was committed: publish soon."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start relaying in the background on the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self, *, flush_timeout: float = 5.0) -> None:
+        """Publish what is pending (within `flush_timeout`), then stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), flush_timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def flush(self) -> None:
+        """Relay until nothing of ours is pending."""
+        while await self.relay_once() == self.batch:
+            pass
+
+    async def relay_once(self) -> int:
+        """Publish one batch in order; returns how many rows were published."""
+        pending = await self.store.unpublished(limit=self.batch, orphaned_after=self.orphaned_after)
+        if not pending:
+            return 0
+        done: list[int] = []
+        try:
+            for row in pending:
+                faults.crash_at("before_publish", row.payload)
+                await self._publish(row)
+                done.append(row.id)
+        finally:
+            # Mark what went out even when a later row failed: it must not go out twice.
+            await self.store.mark_published(done)
+            self.published += len(done)
+        return len(done)
+
+    async def _publish(self, row: PendingEvent) -> None:
+        await self.outlets[row.transport].publish_event(  # type: ignore[index]
+            row.event_type, row.event_id, row.message_id, row.correlation_id, row.payload
+        )
+        metrics.EVENTS_PUBLISHED.labels(row.transport, row.event_type).inc()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            try:
+                while await self.relay_once() == self.batch:
+                    pass
+            except Exception as exc:  # noqa: BLE001 - a broker or database outage: wait and try again
+                log.warning("outbox relay cannot publish yet; events wait in the outbox", error=repr(exc))
+                await asyncio.sleep(self.interval)
