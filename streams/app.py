@@ -21,7 +21,7 @@ from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
-from streams import health, metrics, topology
+from streams import health, metrics, schema, topology
 from streams.deps import ADAPTERS, Adapters, install
 from streams.groups import keep_group_alive
 from streams.logging import configure_logging, get_logger
@@ -83,7 +83,9 @@ async def on_startup() -> None:
     """Connect the store, choose adapters, declare the topology before any subscriber starts."""
     # uvicorn configured its own loggers after import: route them through structlog again.
     configure_logging(settings.log_level, settings.log_format)
-    await store.start()
+    # Refuses to start on an outdated schema, naming the command that upgrades it.
+    await schema.prepare(settings.database_url, auto_upgrade=settings.auto_upgrade)
+    await store.start(create=False)
     install(Adapters.from_settings(settings))
     name = CONSUMER  # this process's Redis consumer name and outbox owner: unique per process
     for sub in subscribers.values():

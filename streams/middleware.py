@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from faststream import BaseMiddleware
@@ -51,16 +52,23 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
                 env = env.with_redeliveries(max(count - 1, 0))
             delivery = Delivery(env)
             bind_message(env.message_id, env.correlation_id, env.source)
+            # Shielded: when the broker connection drops mid-message, aio-pika cancels the
+            # handler; the work already started (a mail may be out) still gets its outcome
+            # committed, and the redelivered copy then finds it in the inbox.
+            work = asyncio.ensure_future(self._handle(call_next, msg, delivery))
             try:
-                if not await pipeline.admit(delivery, env.size):
-                    return None
-                with self.context.scope(DELIVERY_KEY, delivery):
-                    try:
-                        return await call_next(msg)
-                    except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                        await pipeline.fail(delivery, exc)
-                        return None
+                return await asyncio.shield(work)
             finally:
                 unbind_message()
+
+        async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> Any:
+            if not await pipeline.admit(delivery):
+                return None
+            with self.context.scope(DELIVERY_KEY, delivery):
+                try:
+                    return await call_next(msg)
+                except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+                    await pipeline.fail(delivery, exc)
+                    return None
 
     return PipelineMiddleware

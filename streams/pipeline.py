@@ -60,7 +60,7 @@ class Pipeline:
         self.store = store
         self.alerter = alerter or Alerter(str(settings.alert_url) if settings.alert_url else None)
         self.outlets: dict[Transport, Outlet] = {}
-        self.relay = Relay(store, self.outlets)
+        self.relay = Relay(store, self.outlets, orphaned_after=settings.outbox_orphan_seconds)
         self.flows_by_source: dict[str, str] = {}
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
 
@@ -68,9 +68,10 @@ class Pipeline:
         """Use `outlet` for messages of its transport."""
         self.outlets[outlet.transport] = outlet
 
-    async def admit(self, delivery: Delivery, size: int) -> bool:
+    async def admit(self, delivery: Delivery) -> bool:
         """Refuse, before decoding, what is oversized or poison; True when the message may be handled."""
         env = delivery.envelope
+        size = env.size
         if size > self.settings.max_body_bytes:
             await self.fail(
                 delivery, InvalidMessageError(f"body of {size} bytes exceeds {self.settings.max_body_bytes}")

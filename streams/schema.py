@@ -36,6 +36,7 @@ from streams.tables import metadata
 
 MIGRATIONS_DIR: Final = Path(migrations.__file__).resolve().parent
 UPGRADE_COMMAND: Final = "pipeline db upgrade"
+DRIVERS: Final = ("sqlite+aiosqlite://", "postgresql+asyncpg://")  # as PIPELINE_DATABASE_URL accepts
 
 _PG_LOCK_KEY: Final = 0x706970656C696E65  # b"pipeline": one migrator at a time per PostgreSQL database
 _SQLITE_LOCK_WAIT: Final = 60.0  # seconds a second migrator waits for the first one's write lock

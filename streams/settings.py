@@ -73,8 +73,13 @@ class Settings(BaseSettings):
     redis_claim_idle_ms: int = Field(60_000, ge=100)
     redis_mover_interval_ms: int = Field(200, ge=10)
 
+    # Apply pending schema migrations at start-up; unset: yes for SQLite, no for PostgreSQL (where
+    # `pipeline db upgrade` runs once, before the workers roll out).
+    db_auto_upgrade: bool | None = None
     store_batch_max: int = Field(256, ge=1, le=10_000)
     store_batch_wait_ms: float = Field(0.0, ge=0, le=1_000)
+    # Outbox rows a dead worker left unpublished are taken over by another after this long.
+    outbox_orphan_seconds: float = Field(30.0, gt=0)
 
     max_body_bytes: int = Field(1_048_576, ge=1)
     alert_url: HttpUrl | None = None
@@ -115,6 +120,13 @@ class Settings(BaseSettings):
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError("PIPELINE_RETRY_MAX_DELAY must be >= PIPELINE_RETRY_BASE_DELAY")
         return self
+
+    @property
+    def auto_upgrade(self) -> bool:
+        """Whether the worker migrates the schema itself."""
+        if self.db_auto_upgrade is not None:
+            return self.db_auto_upgrade
+        return self.database_url.startswith("sqlite")
 
     def retry_policy(self, flow: str) -> RetryPolicy:
         """The retry policy of a flow: its overrides over the global settings."""

@@ -247,8 +247,7 @@ class EventStore:
             ).one()
         if not oldest:
             return int(count), 0.0
-        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
-        return int(count), (datetime.now(UTC) - oldest).total_seconds()
+        return int(count), (datetime.now(UTC) - _aware(oldest)).total_seconds()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -263,7 +262,7 @@ class EventStore:
             query = query.where(events.c.type == type_)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
-        return [StoredEvent(**dict(r)) for r in rows]
+        return [StoredEvent(**{**dict(r), "recorded_at": _aware(r["recorded_at"])}) for r in rows]
 
     async def task(self, task_id: str) -> projections.TaskState | None:
         """A completion task's live status, or None when the store never saw it."""
@@ -352,6 +351,11 @@ def _dead_letter_row(env: Envelope, failure: Failure) -> dict[str, Any]:
         "fields": fields,
         "dead_lettered_at": failure.last_failure_at,
     }
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _is_inbox_conflict(exc: IntegrityError) -> bool:

@@ -274,3 +274,33 @@ async def redis_probe(services: None) -> AsyncIterator[RedisProbe]:
     await probe.start()
     yield probe
     await client.aclose()
+
+
+BROKERS = ["rabbit", "redis"]
+
+
+@pytest.fixture(params=BROKERS)
+def bus(request: pytest.FixtureRequest, rabbit_probe: RabbitProbe, redis_probe: RedisProbe) -> Any:
+    """One broker at a time, seen from outside (tests parametrized over both)."""
+    from tests.connected.harness import Bus
+
+    return Bus(request.param, rabbit_probe, redis_probe)
+
+
+@pytest.fixture
+def mail_server() -> Iterator[Any]:
+    """A scripted mail provider; 200 for any message without a script of its own."""
+    from tests.httpserver import RecordingServer, ScriptedResponse
+
+    with RecordingServer(default=ScriptedResponse(200, {"id": "ok"})) as server:
+        yield server
+
+
+@pytest.fixture
+async def workers(services: None, scratch_dir: Path, mail_server: Any) -> AsyncIterator[Any]:
+    """Worker processes with the HTTP mailer, sharing one SQLite store; all stopped afterwards."""
+    from tests.connected.harness import Workers
+
+    pool = Workers(scratch_dir, mail_server.url_for("/send"))
+    yield pool
+    pool.stop_all()

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
-import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from streams import names
-from tests.connected.conftest import RabbitProbe, RedisProbe, Worker, start_worker, wait_ready, wait_until
+from tests.connected.conftest import RedisProbe, wait_until
+from tests.connected.harness import Bus, Workers, email
 from tests.connected.redisserver import RedisServer
 from tests.httpserver import RecordingServer, ScriptedResponse
 
-BROKERS = ["rabbit", "redis"]
 FAILURE_HEADERS = (
     names.H_FAILURE_KIND,
     names.H_EXCEPTION_TYPE,
@@ -37,110 +32,6 @@ FAILURE_HEADERS = (
     names.H_MESSAGE_ID,
     names.H_CORRELATION_ID,
 )
-# Worker settings that make the backoff exact and short enough to measure.
-FAST_RETRY = {
-    "PIPELINE_RETRY_BASE_DELAY": "1",
-    "PIPELINE_RETRY_MAX_DELAY": "4",
-    "PIPELINE_RETRY_JITTER": "none",
-    "PIPELINE_REDIS_MOVER_INTERVAL_MS": "50",
-    "PIPELINE_REDIS_CLAIM_IDLE_MS": "1500",
-}
-
-
-def email(subject: str = "Welcome") -> bytes:
-    return json.dumps({"to": "ada@example.com", "subject": subject, "body": "Hello Ada"}).encode()
-
-
-@dataclass
-class Bus:
-    """One broker seen from outside: publish a command, await its events and its dead letter."""
-
-    broker: str
-    rabbit: RabbitProbe
-    redis: RedisProbe
-
-    async def send(self, queue: str, body: bytes, message_id: str | None = None) -> str:
-        mid = message_id or str(uuid.uuid4())
-        if self.broker == "rabbit":
-            return await self.rabbit.publish(queue, body, message_id=mid)
-        return await self.redis.publish(queue, body, message_id=mid)
-
-    async def event(self, event_type: str, mid: str, timeout: float = 30) -> dict[str, Any]:
-        if self.broker == "rabbit":
-            body, _ = await self.rabbit.wait_event(event_type, mid, timeout)
-            return body
-        return await self.redis.wait_event(event_type, mid, timeout)
-
-    async def dead_letter(self, queue: str, mid: str, timeout: float = 30) -> tuple[dict[str, str], bytes]:
-        """Headers (as text) and body of the dead letter of `mid`."""
-        if self.broker == "rabbit":
-            msg = await self.rabbit.take_dead_letter(names.dlq(queue), mid, timeout)
-            headers = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in msg.headers.items()}
-            return headers, bytes(msg.body)
-        fields = await self.redis.dead_letter(names.dlq(queue), mid, timeout)
-        from faststream.redis.parser.binary import BinaryMessageFormatV1
-
-        body, _ = BinaryMessageFormatV1.parse(fields[b"__data__"])
-        return {k.decode(): v.decode() for k, v in fields.items() if k != b"__data__"}, body
-
-
-@pytest.fixture(params=BROKERS)
-def bus(request: pytest.FixtureRequest, rabbit_probe: RabbitProbe, redis_probe: RedisProbe) -> Bus:
-    return Bus(request.param, rabbit_probe, redis_probe)
-
-
-@pytest.fixture
-def mail_server() -> Iterator[RecordingServer]:
-    with RecordingServer(default=ScriptedResponse(200, {"id": "ok"})) as server:
-        yield server
-
-
-class Workers:
-    """Starts workers sharing one SQLite store and one mailer; stops them all afterwards."""
-
-    def __init__(self, tmp: Path, mailer_url: str) -> None:
-        self.tmp = tmp
-        self.mailer_url = mailer_url
-        self.started: list[Worker] = []
-
-    @property
-    def db_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.tmp / 'store.db'}"
-
-    async def start(self, *, ready: bool = True, **extra: str) -> Worker:
-        # One store for every worker of a test, like several workers on one PostgreSQL.
-        env = {
-            "PIPELINE_MAILER": "http",
-            "PIPELINE_MAILER_URL": self.mailer_url,
-            "PIPELINE_DATABASE_URL": self.db_url,
-            **FAST_RETRY,
-            **extra,
-        }
-        worker = start_worker(self.tmp, env, name=f"w{len(self.started)}")
-        self.started.append(worker)
-        if ready:
-            await wait_ready(worker)
-        return worker
-
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.tmp / "store.db")
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop(timeout=15)
-
-
-@pytest.fixture
-async def workers(services: None, scratch_dir: Path, mail_server: RecordingServer) -> AsyncIterator[Workers]:
-    pool = Workers(scratch_dir, mail_server.url_for("/send"))
-    yield pool
-    pool.stop_all()
-
-
-def event_types(pool: Workers, stream_id: str) -> list[str]:
-    with pool.db() as conn:
-        rows = conn.execute("SELECT type FROM events WHERE stream_id = ? ORDER BY version", (stream_id,)).fetchall()
-    return [r[0] for r in rows]
 
 
 async def test_503_twice_then_200_delivers_on_attempt_3_with_measured_backoff(
@@ -162,7 +53,7 @@ async def test_503_twice_then_200_delivers_on_attempt_3_with_measured_backoff(
     # up to whole seconds; the Redis mover runs every 50 ms; both add the time to deliver.
     assert 0.95 <= gaps[0] <= 1.8, gaps
     assert 1.95 <= gaps[1] <= 2.8, gaps
-    assert event_types(workers, f"email-{mid}") == [
+    assert await workers.event_types(f"email-{mid}") == [
         "message.retry_scheduled",
         "message.retry_scheduled",
         names.EMAIL_SENT,
@@ -191,9 +82,8 @@ async def test_always_failing_mailer_ends_in_dlq_after_exactly_max_attempts(
     assert failed["failure_kind"] == "exhausted"
     dead = await bus.event(names.MESSAGE_DEAD_LETTERED, mid)
     assert dead["attempts"] == 3
-    with workers.db() as conn:
-        row = conn.execute("SELECT kind, attempts FROM dead_letters WHERE message_id = ?", (mid,)).fetchone()
-    assert row == ("exhausted", 3), "the dead letter is stored for review"
+    rows = await workers.rows("SELECT kind, attempts FROM dead_letters WHERE message_id = :m", m=mid)
+    assert rows == [("exhausted", 3)], "the dead letter is stored for review"
 
 
 @pytest.mark.parametrize("status", [400, 422])

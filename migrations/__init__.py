@@ -1,0 +1,1 @@
+"""Alembic migrations of the event store (`pipeline db upgrade`; see `streams.schema`)."""

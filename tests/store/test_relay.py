@@ -1,0 +1,268 @@
+"""The outbox relay against a fake broker, on SQLite and PostgreSQL: order, outages, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from faststream.message import StreamMessage
+from sqlalchemy import update
+
+from streams.envelope import Envelope, Transport
+from streams.outlets import Outlet
+from streams.relay import Relay
+from streams.store import EventStore
+from streams.tables import outbox
+from tests.store import envelope, sent
+
+WAIT = 10.0  # seconds: a safety bound on conditions, never an expectation of speed
+
+
+class BrokerDownError(ConnectionError):
+    """Raised by the fake broker while it is down."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """One event the fake broker accepted."""
+
+    transport: Transport
+    event_type: str
+    event_id: str
+    message_id: str
+    correlation_id: str
+    payload: bytes
+
+
+@dataclass
+class FakeBroker:
+    """Accepts publishes in order; attempts numbered in `down_for` (1-based) fail as if it were down."""
+
+    down_for: Collection[int] = ()
+    # Runs at the start of each attempt, with its number: lets a test script an interleaving.
+    on_attempt: Callable[[int], Awaitable[None]] | None = None
+    attempts: int = 0
+    log: list[Published] = field(default_factory=list)
+
+    def outlets(self) -> dict[Transport, Outlet]:
+        """One outlet per transport, both publishing here."""
+        return {"rabbit": FakeOutlet("rabbit", self), "redis": FakeOutlet("redis", self)}
+
+    @property
+    def event_ids(self) -> list[str]:
+        return [p.event_id for p in self.log]
+
+
+class FakeOutlet:
+    """An Outlet whose only working part is `publish_event`, the one the relay uses."""
+
+    def __init__(self, transport: Transport, broker: FakeBroker) -> None:
+        self.transport: Transport = transport
+        self.broker = broker
+
+    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
+        raise NotImplementedError
+
+    async def publish_event(
+        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
+    ) -> None:
+        broker = self.broker
+        broker.attempts += 1
+        attempt = broker.attempts
+        if broker.on_attempt is not None:
+            await broker.on_attempt(attempt)
+        if attempt in broker.down_for:
+            raise BrokerDownError(f"publish attempt {attempt}: connection refused")
+        broker.log.append(Published(self.transport, event_type, event_id, message_id, correlation_id, payload))
+
+    async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
+        raise NotImplementedError
+
+
+async def commit_events(store: EventStore, n: int) -> list[str]:
+    """Commit `n` published events, alternating transports; returns their event ids in commit order."""
+    ids: list[str] = []
+    for i in range(n):
+        unit = sent(env=envelope(transport="rabbit" if i % 2 else "redis"))
+        await store.commit(unit)
+        ids.append(unit.events[0].event_id)
+    return ids
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until `predicate()` holds (checked every 10 ms), or fail after WAIT seconds."""
+
+    async def poll() -> None:
+        while not await predicate():  # noqa: ASYNC110 - the condition lives in the database: nothing to await
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), WAIT)
+
+
+async def test_relay_publishes_in_outbox_order(store: EventStore) -> None:
+    """relay_once publishes every pending row, oldest first, through its transport's outlet, and marks it."""
+    ids = await commit_events(store, 6)
+    pending = await store.unpublished()
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+
+    assert await relay.relay_once() == 6
+
+    assert broker.event_ids == ids
+    assert [(p.transport, p.event_type, p.message_id, p.correlation_id, p.payload) for p in broker.log] == [
+        (r.transport, r.event_type, r.message_id, r.correlation_id, r.payload) for r in pending
+    ]
+    assert await store.unpublished() == []
+    assert await store.outbox_backlog() == (0, 0.0)
+    assert relay.published == 6
+
+
+async def test_outage_marks_nothing_and_loses_nothing(store: EventStore) -> None:
+    """While the broker is down nothing is marked or lost; after recovery all goes out once, in order."""
+    ids = await commit_events(store, 5)
+    broker = FakeBroker(down_for=range(1, 4))
+    relay = Relay(store, broker.outlets())
+
+    for _ in range(3):
+        with pytest.raises(BrokerDownError):
+            await relay.relay_once()
+        assert broker.log == []
+        assert [p.event_id for p in await store.unpublished()] == ids
+        assert (await store.outbox_backlog())[0] == 5
+
+    assert await relay.relay_once() == 5
+    assert broker.event_ids == ids
+    assert await relay.relay_once() == 0
+    assert broker.event_ids == ids
+
+
+async def test_failure_mid_batch_keeps_what_went_out(store: EventStore) -> None:
+    """When the broker fails mid-batch, rows already published are marked and never published again."""
+    ids = await commit_events(store, 5)
+    broker = FakeBroker(down_for={3})
+    relay = Relay(store, broker.outlets())
+
+    with pytest.raises(BrokerDownError):
+        await relay.relay_once()
+    assert broker.event_ids == ids[:2]
+    assert [p.event_id for p in await store.unpublished()] == ids[2:]
+
+    assert await relay.relay_once() == 3
+    assert broker.event_ids == ids
+
+
+async def test_flush_drains_the_outbox(store: EventStore) -> None:
+    """flush() relays batch after batch until nothing is pending, including an exactly full last batch."""
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets(), batch=3)
+    ids = await commit_events(store, 7)
+
+    await relay.flush()
+    assert broker.event_ids == ids
+    assert await store.unpublished() == []
+
+    ids += await commit_events(store, 6)
+    await relay.flush()
+    assert broker.event_ids == ids
+    assert await store.outbox_backlog() == (0, 0.0)
+    assert relay.published == 13
+
+
+async def test_published_rows_are_not_published_again(store: EventStore) -> None:
+    """A second relay_once publishes only what was committed since the first."""
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    ids = await commit_events(store, 3)
+    assert await relay.relay_once() == 3
+
+    assert await relay.relay_once() == 0
+    assert broker.event_ids == ids
+    more = await commit_events(store, 2)
+    assert await relay.relay_once() == 2
+    assert broker.event_ids == ids + more
+
+
+async def test_another_workers_orphaned_rows_are_relayed_once(store: EventStore) -> None:
+    """A relay takes over another worker's rows only after `orphaned_after`, and they go out once."""
+    other = EventStore(store.url, owner="worker-b")
+    await other.start(create=False)
+    try:
+        broker = FakeBroker()
+        theirs = Relay(other, broker.outlets(), orphaned_after=30)
+        ids = await commit_events(store, 3)
+
+        assert await theirs.relay_once() == 0
+        async with store.engine.begin() as conn:
+            await conn.execute(update(outbox).values(created_at=datetime.now(UTC) - timedelta(seconds=60)))
+        assert await theirs.relay_once() == 3
+        assert await Relay(store, broker.outlets()).relay_once() == 0
+        assert broker.event_ids == ids
+    finally:
+        await other.close()
+
+
+async def test_background_relay_delivers_through_an_outage(store: EventStore) -> None:
+    """The started relay keeps retrying while the broker is down, then delivers everything once, in order."""
+    broker = FakeBroker(down_for=range(1, 6))
+    relay = Relay(store, broker.outlets(), interval=0.01)
+    relay.start()
+    try:
+        ids = await commit_events(store, 4)
+        relay.kick()
+
+        async def delivered() -> bool:
+            return len(broker.log) >= 4 and not await store.unpublished()
+
+        await eventually(delivered)
+    finally:
+        await relay.stop()
+    assert broker.attempts > 5
+    assert broker.event_ids == ids
+
+
+async def test_stop_during_an_outage_stops_and_keeps_the_rows(store: EventStore) -> None:
+    """stop() while the broker is down gives up flushing, stops the background task, and keeps the rows."""
+    broker = FakeBroker(down_for=range(1, 1_000_000))
+    relay = Relay(store, broker.outlets(), interval=3600)
+    relay.start()
+    ids = await commit_events(store, 2)
+    try:
+        await relay.stop(flush_timeout=WAIT)
+        assert relay._task is None
+        assert [p.event_id for p in await store.unpublished()] == ids
+    finally:
+        task = relay._task
+        if task is not None:  # what stop() should have done
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_stop_while_a_batch_is_in_flight_publishes_each_row_once(store: EventStore) -> None:
+    """stop() during a background batch (its first publish awaiting the broker) publishes every row once."""
+    in_flight, confirmed = asyncio.Event(), asyncio.Event()
+
+    async def script(attempt: int) -> None:
+        if attempt == 1:  # the background batch's first publish waits for the broker...
+            in_flight.set()
+            await confirmed.wait()
+        elif attempt == 2:  # ...whose confirm arrives while stop() is flushing
+            confirmed.set()
+
+    broker = FakeBroker(on_attempt=script)
+    relay = Relay(store, broker.outlets(), interval=3600)
+    ids = await commit_events(store, 3)
+    relay.start()
+    relay.kick()
+    await asyncio.wait_for(in_flight.wait(), WAIT)
+
+    await relay.stop(flush_timeout=WAIT)
+
+    assert await store.unpublished() == []
+    assert broker.event_ids == ids
