@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any
 
 import redis.asyncio as aioredis
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
@@ -23,6 +22,7 @@ from faststream.specification import AsyncAPI
 
 from streams import health, metrics, schema, topology
 from streams.deps import ADAPTERS, Adapters, install
+from streams.flows import COMPLETION, EMAIL
 from streams.groups import keep_group_alive
 from streams.logging import configure_logging, get_logger
 from streams.middleware import make_middleware
@@ -69,8 +69,10 @@ redis = RedisBroker(
 
 publishers = declare_publishers(rabbit, redis)
 rabbit_outlet = RabbitOutlet(publishers.rabbit_events, publishers.rabbit_dead_letters, publishers.rabbit_delay)
-redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
+redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS), CONSUMER)
 mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
+for _flow in (EMAIL, COMPLETION):
+    pipeline.breaker(_flow.dependency)  # one per dependency, visible in health from the start
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
 rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topology.COMMAND_QUEUES)))
@@ -98,6 +100,7 @@ async def on_startup() -> None:
     await topology.declare_redis(redis_client)
     mover.start()
     pipeline.relay.start()
+    pipeline.monitor.start()
     log.info("starting", consumer=name, settings=settings.safe_dump())
 
 
@@ -105,6 +108,7 @@ async def on_shutdown() -> None:
     """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
     await asyncio.gather(*(sub.stop() for sub in subscribers.values()))
     await mover.stop()  # scheduled retries stay in Redis for the next mover
+    await pipeline.monitor.stop()
     await pipeline.relay.stop(flush_timeout=settings.graceful_timeout / 2)
 
 
@@ -124,6 +128,32 @@ async def _redis_ok() -> bool:
     return bool(await redis_client.ping())
 
 
+async def _sample_queues() -> None:
+    for name in topology.COMMAND_QUEUES:
+        queue = await rabbit.declare_queue(topology.command_queue(name))
+        depth = queue.declaration_result.message_count or 0
+        metrics.QUEUE_DEPTH.labels("rabbit", name).set(depth)
+        pipeline.monitor.activity("rabbit", name).depth = depth
+
+
+async def _sample_streams() -> None:
+    for stream, group in topology.COMMAND_STREAMS:
+        for info in await redis_client.xinfo_groups(stream):
+            if info["name"].decode() == group:
+                lag = int(info.get("lag") or 0) + int(info.get("pending") or 0)
+                metrics.STREAM_LAG.labels(stream, group).set(lag)
+                pipeline.monitor.activity("redis", stream).depth = lag
+
+
+async def _sample_outbox() -> None:
+    backlog, age = await store.outbox_backlog()
+    metrics.OUTBOX_BACKLOG.set(backlog)
+    metrics.OUTBOX_AGE.set(age)
+
+
+pipeline.monitor.samplers.extend([_sample_queues, _sample_streams, _sample_outbox])
+
+
 @get(include_in_schema=False)
 async def metrics_endpoint(scope: Scope) -> AsgiResponse:
     """Prometheus exposition of FastStream's and the pipeline's metrics."""
@@ -131,15 +161,24 @@ async def metrics_endpoint(scope: Scope) -> AsgiResponse:
     return AsgiResponse(body, 200, headers={"content-type": content_type})
 
 
-def _subscribers() -> list[tuple[str, Any]]:
-    return list(subscribers.items())
+def _consumers() -> list[health.Consumer]:
+    found = []
+    for name, sub in subscribers.items():
+        broker, source = name.split(":")[:2]
+        found.append(health.Consumer(name, sub, broker, source))
+    return found
 
 
 app = AsgiFastStream(
     rabbit,
     redis,
     asgi_routes=[
-        *health.make_routes({"rabbitmq": _rabbit_ok, "redis": _redis_ok, "database": store.ping}, _subscribers),
+        *health.make_routes(
+            {"rabbitmq": _rabbit_ok, "redis": _redis_ok, "database": store.ping},
+            _consumers,
+            lambda: pipeline.breakers,
+            pipeline.monitor,
+        ),
         ("/metrics", metrics_endpoint),
     ],
     asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),

@@ -65,6 +65,8 @@ class Envelope:
     # Redis: the entry's fields as they were stored, to dead-letter or replay verbatim.
     fields: dict[bytes, bytes] | None = None
     entry_id: str | None = None
+    # When the producer published it (epoch seconds), if the broker says.
+    published_at: float | None = None
 
     @property
     def size(self) -> int:

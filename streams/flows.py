@@ -39,12 +39,14 @@ def _completion_failed(cmd: RequestCompletion, ctx: MessageContext, kind: Failur
 EMAIL: Flow[SendEmail] = Flow(
     name="email",
     command=SendEmail,
+    dependency="mailer",
     stream_id=lambda cmd, ctx: f"email-{ctx.message_id}",
     failed=_email_failed,
 )
 COMPLETION: Flow[RequestCompletion] = Flow(
     name="completion",
     command=RequestCompletion,
+    dependency="llm",
     stream_id=lambda cmd, ctx: f"completion-{cmd.task_id}",
     failed=_completion_failed,
     requested=lambda cmd, ctx: CompletionRequested(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -34,6 +34,33 @@ GROUPS_RECREATED = Counter(
     "pipeline_redis_groups_recreated",
     "Redis consumer groups re-created after they were lost (a Redis restart without persistence).",
     ["stream", "group"],
+    registry=REGISTRY,
+)
+BREAKER_STATE = Gauge(
+    "pipeline_breaker_state",
+    "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open.",
+    ["dependency"],
+    registry=REGISTRY,
+)
+OUTBOX_BACKLOG = Gauge("pipeline_outbox_backlog", "Outcome events committed but not yet published.", registry=REGISTRY)
+OUTBOX_AGE = Gauge(
+    "pipeline_outbox_oldest_age_seconds", "Age of the oldest unpublished outcome event.", registry=REGISTRY
+)
+QUEUE_DEPTH = Gauge(
+    "pipeline_queue_depth", "Messages ready in a command queue (RabbitMQ).", ["broker", "queue"], registry=REGISTRY
+)
+STREAM_LAG = Gauge(
+    "pipeline_stream_lag",
+    "Entries of a command stream not yet delivered to its group, plus pending ones (Redis).",
+    ["stream", "group"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge("pipeline_in_flight", "Messages being handled now.", ["broker", "queue"], registry=REGISTRY)
+END_TO_END = Histogram(
+    "pipeline_end_to_end_latency_seconds",
+    "From the command's publish time (AMQP timestamp / stream entry id) to its committed outcome.",
+    ["broker", "flow"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
     registry=REGISTRY,
 )
 

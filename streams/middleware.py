@@ -56,6 +56,8 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
             # handler; the work already started (a mail may be out) still gets its outcome
             # committed, and the redelivered copy then finds it in the inbox.
             work = asyncio.ensure_future(self._handle(call_next, msg, delivery))
+            pipeline.monitor.started(env.transport, env.source)
+            work.add_done_callback(lambda _: pipeline.monitor.finished(env.transport, env.source))
             try:
                 return await asyncio.shield(work)
             finally:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
-from handlers.errors import InvalidMessageError, PipelineError
+from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
 from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered, RetryScheduled
 from streams import faults, metrics, names
 from streams.alerts import Alerter
+from streams.breaker import Breaker
 from streams.envelope import Envelope, Transport
 from streams.failures import Failure, classify
 from streams.logging import get_logger
+from streams.monitor import Monitor
 from streams.outlets import Outlet
 from streams.relay import Relay
 from streams.settings import Settings
@@ -35,6 +38,7 @@ class Flow(Generic[C]):
 
     name: str
     command: type[C]
+    dependency: str  # the side effect it needs; one circuit breaker per dependency
     stream_id: Callable[[C, MessageContext], str]
     failed: Callable[[C, MessageContext, FailureKind, str], Event]
     # An event recorded (not published) when the command first arrives, before the handler runs.
@@ -61,8 +65,20 @@ class Pipeline:
         self.alerter = alerter or Alerter(str(settings.alert_url) if settings.alert_url else None)
         self.outlets: dict[Transport, Outlet] = {}
         self.relay = Relay(store, self.outlets, orphaned_after=settings.outbox_orphan_seconds)
-        self.flows_by_source: dict[str, str] = {}
+        self.breakers: dict[str, Breaker] = {}
+        self.monitor = Monitor()
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
+
+    def breaker(self, dependency: str) -> Breaker:
+        """The circuit breaker of one dependency (created on first use)."""
+        if dependency not in self.breakers:
+            self.breakers[dependency] = Breaker(
+                dependency,
+                threshold=self.settings.breaker_threshold,
+                recovery=self.settings.breaker_recovery_seconds,
+                probes=self.settings.breaker_probes,
+            )
+        return self.breakers[dependency]
 
     def attach(self, outlet: Outlet) -> None:
         """Use `outlet` for messages of its transport."""
@@ -99,8 +115,7 @@ class Pipeline:
             return
         if flow.requested is not None and env.attempt == 1:
             await self.store.commit(Commit(stream_id, [flow.requested(cmd, ctx)], env, publish=False))
-        faults.crash_at("before_handler", env.body)
-        outcome = await handle()
+        outcome = await self._through_breaker(flow.dependency, env, handle)
         faults.crash_at("after_handler", env.body)
         done = await self.store.commit(Commit(stream_id, [outcome], env, consumer=flow.name))
         if done.outcome is Outcome.DUPLICATE:
@@ -108,8 +123,27 @@ class Pipeline:
             log.info("duplicate skipped at commit", stream_id=stream_id)
             return
         self.relay.kick()
+        if env.published_at is not None:
+            metrics.END_TO_END.labels(env.transport, flow.name).observe(max(time.time() - env.published_at, 0.0))
         faults.crash_at("after_commit", env.body)
         log.info("handled", event_type=outcome.TYPE, attempt=env.attempt)
+
+    async def _through_breaker(self, dependency: str, env: Envelope, handle: Callable[[], Awaitable[Event]]) -> Event:
+        """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""
+        breaker = self.breaker(dependency)
+        outlet = self.outlets[env.transport]
+        await breaker.acquire(lambda: outlet.keepalive(env), self.settings.redis_claim_idle_ms / 3000)
+        faults.crash_at("before_handler", env.body)
+        try:
+            outcome = await handle()
+        except DependencyUnavailableError:
+            await breaker.failure()
+            raise
+        except BaseException:
+            await breaker.release()
+            raise
+        await breaker.success()
+        return outcome
 
     async def fail(self, delivery: Delivery, exc: BaseException) -> None:
         """Classify a failure once: retry it later through the broker, or dead-letter it now."""

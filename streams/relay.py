@@ -12,14 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from typing import Protocol
 
 from streams import faults, metrics
 from streams.envelope import Transport
 from streams.logging import get_logger
-from streams.outlets import Outlet
 from streams.store import EventStore, PendingEvent
 
 log = get_logger("pipeline.relay")
+
+
+class EventPublisher(Protocol):
+    """The part of an outlet the relay needs."""
+
+    async def publish_event(
+        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
+    ) -> None:
+        """Publish one outcome event."""
+        ...
 
 
 class Relay:
@@ -28,7 +38,7 @@ class Relay:
     def __init__(
         self,
         store: EventStore,
-        outlets: Mapping[Transport, Outlet],
+        outlets: Mapping[Transport, EventPublisher],
         *,
         batch: int = 500,
         interval: float = 1.0,
@@ -96,7 +106,7 @@ class Relay:
         return len(done)
 
     async def _publish(self, row: PendingEvent) -> None:
-        await self.outlets[row.transport].publish_event(  # type: ignore[index]
+        await self.outlets[row.transport].publish_event(  # type: ignore[index]  # a str column
             row.event_type, row.event_id, row.message_id, row.correlation_id, row.payload
         )
         metrics.EVENTS_PUBLISHED.labels(row.transport, row.event_type).inc()

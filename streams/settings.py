@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Outbox rows a dead worker left unpublished are taken over by another after this long.
     outbox_orphan_seconds: float = Field(30.0, gt=0)
 
+    breaker_threshold: int = Field(5, ge=1, le=1_000)
+    breaker_recovery_seconds: float = Field(30.0, gt=0)
+    breaker_probes: int = Field(1, ge=1, le=100)
+
     max_body_bytes: int = Field(1_048_576, ge=1)
     alert_url: HttpUrl | None = None
 

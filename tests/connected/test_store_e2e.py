@@ -80,9 +80,7 @@ async def test_sigkill_between_commit_and_ack_has_one_effect(
 ) -> None:
     """Killed after the commit, before the ack: the redelivered message is skipped; the outcome goes out once."""
     marker = f"after-commit-{uuid.uuid4().hex[:8]}"
-    victim = await pool.start(
-        PIPELINE_FAULT_CRASH_MARKER=marker, PIPELINE_FAULT_CRASH_POINTS="after_commit"
-    )
+    victim = await pool.start(PIPELINE_FAULT_CRASH_MARKER=marker, PIPELINE_FAULT_CRASH_POINTS="after_commit")
     mid = str(uuid.uuid4())
     await bus.send("email", email(marker), mid)
     await asyncio.to_thread(victim.proc.wait, 30)

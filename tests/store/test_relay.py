@@ -13,8 +13,8 @@ from faststream.message import StreamMessage
 from sqlalchemy import update
 
 from streams.envelope import Envelope, Transport
-from streams.outlets import Outlet
-from streams.relay import Relay
+
+from streams.relay import EventPublisher, Relay
 from streams.store import EventStore
 from streams.tables import outbox
 from tests.store import envelope, sent
@@ -48,7 +48,7 @@ class FakeBroker:
     attempts: int = 0
     log: list[Published] = field(default_factory=list)
 
-    def outlets(self) -> dict[Transport, Outlet]:
+    def outlets(self) -> dict[Transport, EventPublisher]:
         """One outlet per transport, both publishing here."""
         return {"rabbit": FakeOutlet("rabbit", self), "redis": FakeOutlet("redis", self)}
 

@@ -95,6 +95,7 @@ async def harness(app_store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Asy
     from streams import app as module
 
     mailer = FakeMailer()
+    module.pipeline.breakers.clear()  # each test starts with closed breakers
     install(Adapters(mailer=mailer, model=EchoModel()))
     fake_redis = RecordingRedis()
     monkeypatch.setattr(module.redis_outlet, "client", fake_redis)

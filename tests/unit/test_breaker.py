@@ -1,0 +1,79 @@
+"""The circuit breaker: opens on consecutive dependency failures, holds messages, probes, closes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streams.breaker import Breaker, State
+
+
+async def test_opens_after_threshold_consecutive_failures() -> None:
+    """Failures below the threshold keep it closed; the threshold-th opens it; a success resets the count."""
+    breaker = Breaker("mailer", threshold=3, recovery=60)
+    await breaker.failure()
+    await breaker.failure()
+    await breaker.success()
+    await breaker.failure()
+    await breaker.failure()
+    assert breaker.state is State.CLOSED
+    await breaker.failure()
+    assert breaker.state is State.OPEN
+
+
+async def test_open_breaker_holds_callers_until_recovery_then_lets_one_probe() -> None:
+    """While open nobody passes; after the recovery time exactly `probes` callers pass (half-open)."""
+    breaker = Breaker("mailer", threshold=1, recovery=0.2, probes=1)
+    await breaker.failure()
+    waiters = [asyncio.create_task(breaker.acquire()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiters), "held while open"
+    done, pending = await asyncio.wait(waiters, timeout=2, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1
+    assert breaker.state is State.HALF_OPEN
+    await breaker.success()
+    await asyncio.wait_for(asyncio.gather(*pending), 2)
+    assert breaker.state is State.CLOSED
+
+
+async def test_failed_probe_opens_again() -> None:
+    """A probe that fails re-opens the breaker for another recovery period."""
+    breaker = Breaker("llm", threshold=1, recovery=0.05)
+    await breaker.failure()
+    await asyncio.wait_for(breaker.acquire(), 2)
+    assert breaker.state is State.HALF_OPEN
+    await breaker.failure()
+    assert breaker.state is State.OPEN
+
+
+async def test_probe_ending_without_verdict_frees_its_slot() -> None:
+    """A probe that ends in a fatal error says nothing about the dependency: the next caller may probe."""
+    breaker = Breaker("llm", threshold=1, recovery=0.05, probes=1)
+    await breaker.failure()
+    await asyncio.wait_for(breaker.acquire(), 2)
+    second = asyncio.create_task(breaker.acquire())
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    await breaker.release()
+    await asyncio.wait_for(second, 2)
+
+
+async def test_keepalive_runs_while_waiting() -> None:
+    """A caller held at an open breaker keeps its message owned (keepalive) while it waits."""
+    breaker = Breaker("mailer", threshold=1, recovery=0.3)
+    await breaker.failure()
+    calls = 0
+
+    async def keepalive() -> None:
+        nonlocal calls
+        calls += 1
+
+    await asyncio.wait_for(breaker.acquire(keepalive, keepalive_every=0.05), 2)
+    assert calls >= 2
+
+
+@pytest.mark.parametrize("state", [State.CLOSED, State.HALF_OPEN, State.OPEN])
+def test_state_values_are_the_exported_gauge_values(state: State) -> None:
+    """The gauge `pipeline_breaker_state` reads 0 closed, 1 half-open, 2 open."""
+    assert int(state) == {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}[state.name]
