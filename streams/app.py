@@ -14,7 +14,7 @@ import uuid
 import redis.asyncio as aioredis
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
 from faststream.asgi.types import Scope
-from faststream.rabbit import RabbitBroker
+from faststream.rabbit import Channel, RabbitBroker
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
 from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
@@ -24,6 +24,7 @@ from streams import health, metrics, schema, topology
 from streams.deps import ADAPTERS, Adapters, install
 from streams.flows import COMPLETION, EMAIL
 from streams.groups import keep_group_alive
+from streams.keepalive import PendingKeepalive
 from streams.logging import configure_logging, get_logger
 from streams.middleware import make_middleware
 from streams.outlets import RabbitOutlet, RedisOutlet
@@ -50,6 +51,9 @@ redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
 
 rabbit = RabbitBroker(
     settings.rabbit_url,
+    # Prefetch on the default channel: the consumers live there (the topology declared at start-up
+    # binds the queue objects FastStream caches to it).
+    default_channel=Channel(prefetch_count=settings.rabbit_prefetch),
     specification_url=mask_url(settings.rabbit_url),
     graceful_timeout=settings.graceful_timeout,
     description="Commands on exchange `tasks`, outcome events on topic exchange `events`.",
@@ -69,7 +73,8 @@ redis = RedisBroker(
 
 publishers = declare_publishers(rabbit, redis)
 rabbit_outlet = RabbitOutlet(publishers.rabbit_events, publishers.rabbit_dead_letters, publishers.rabbit_delay)
-redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS), CONSUMER)
+redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
+keepalive = PendingKeepalive(redis_client, topology.COMMAND_STREAMS, CONSUMER, settings.redis_claim_idle_ms)
 mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
 for _flow in (EMAIL, COMPLETION):
     pipeline.breaker(_flow.dependency)  # one per dependency, visible in health from the start
@@ -101,6 +106,7 @@ async def on_startup() -> None:
     mover.start()
     pipeline.relay.start()
     pipeline.monitor.start()
+    keepalive.start()
     log.info("starting", consumer=name, settings=settings.safe_dump())
 
 
@@ -114,6 +120,7 @@ async def on_shutdown() -> None:
 
 async def after_shutdown() -> None:
     """Close what on_startup opened, after the brokers stopped consuming."""
+    await keepalive.stop()
     await pipeline.close()
     await ADAPTERS.close()
     await redis_client.aclose()

@@ -11,16 +11,14 @@ queue or stream grows instead. After `recovery` seconds it lets `probes` message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from enum import IntEnum
 
 from streams import metrics
 from streams.logging import get_logger
 
 log = get_logger("pipeline.breaker")
-
-Keepalive = Callable[[], Awaitable[None]]
 
 
 class State(IntEnum):
@@ -67,8 +65,8 @@ class Breaker:
         self.state = state
         metrics.BREAKER_STATE.labels(self.name).set(state)
 
-    async def acquire(self, keepalive: Keepalive | None = None, keepalive_every: float = 10.0) -> None:
-        """Wait until a message may use the dependency; `keepalive` runs while waiting long."""
+    async def acquire(self) -> None:
+        """Wait until a message may use the dependency."""
         cond = self._cond
         async with cond:
             while True:
@@ -79,14 +77,11 @@ class Breaker:
                 if self.state is State.HALF_OPEN and self.in_probe < self.probes:
                     self.in_probe += 1
                     return
-                wait = keepalive_every
+                wait = None
                 if self.state is State.OPEN:
-                    wait = min(wait, max(self.opened_at + self.recovery - time.monotonic(), 0.01))
-                try:
+                    wait = max(self.opened_at + self.recovery - time.monotonic(), 0.01)
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(cond.wait(), wait)
-                except TimeoutError:
-                    if keepalive is not None:
-                        await keepalive()
 
     async def success(self) -> None:
         """The dependency answered: close."""

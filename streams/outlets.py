@@ -40,10 +40,6 @@ class Outlet(Protocol):
         """Hand the message back to the broker to deliver again to its source after `delay` s."""
         ...
 
-    async def keepalive(self, env: Envelope) -> None:
-        """Keep a message that waits (breaker open) owned by this worker."""
-        ...
-
 
 def _text_headers(raw: dict[str, Any]) -> dict[str, str]:
     return {k: v for k in raw if (v := header_str(raw, k)) is not None}
@@ -110,9 +106,6 @@ class RabbitOutlet:
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
         await self.dead_letters[env.source].publish(env.body, **self._properties(env, headers))
 
-    async def keepalive(self, env: Envelope) -> None:
-        """Nothing to do: an unacknowledged message stays with its consumer while the channel lives."""
-
     async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
         await self.delay.publish(
             env.body,
@@ -126,11 +119,10 @@ class RedisOutlet:
 
     transport: Transport = "redis"
 
-    def __init__(self, events: RedisPublisher, client: aioredis.Redis, groups: dict[str, str], consumer: str) -> None:
+    def __init__(self, events: RedisPublisher, client: aioredis.Redis, groups: dict[str, str]) -> None:
         self.events = events
         self.client = client
         self.groups = groups
-        self.consumer = consumer
 
     def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
         raw = msg.raw_message
@@ -192,12 +184,6 @@ class RedisOutlet:
         fields = await self._with_headers(env, headers)
         due_ms = int((time.time() + delay) * 1000)
         await scheduler.schedule(self.client, env.source, fields, due_ms, ack=lambda tx: self._ack(tx, env))
-
-    async def keepalive(self, env: Envelope) -> None:
-        """Reset the pending entry's idle time (XCLAIM JUSTID: no delivery counted) so no one reclaims it."""
-        group = self.groups.get(env.source)
-        if group is not None and env.entry_id is not None:
-            await self.client.xclaim(env.source, group, self.consumer, 0, [env.entry_id], justid=True)
 
     def _ack(self, tx: Any, env: Envelope) -> None:
         group = self.groups.get(env.source)

@@ -131,8 +131,7 @@ class Pipeline:
     async def _through_breaker(self, dependency: str, env: Envelope, handle: Callable[[], Awaitable[Event]]) -> Event:
         """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""
         breaker = self.breaker(dependency)
-        outlet = self.outlets[env.transport]
-        await breaker.acquire(lambda: outlet.keepalive(env), self.settings.redis_claim_idle_ms / 3000)
+        await breaker.acquire()
         faults.crash_at("before_handler", env.body)
         try:
             outcome = await handle()

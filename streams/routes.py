@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from faststream import Context
-from faststream.rabbit import Channel, RabbitBroker
+from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker, StreamSub
 
 from handlers import completion, email
@@ -34,7 +34,6 @@ CONSUMER_PLACEHOLDER = "worker"
 
 def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, settings: Settings) -> dict[str, Any]:
     """Subscribe every flow on both brokers; returns the subscribers by `broker:queue` name."""
-    channel = Channel(prefetch_count=settings.rabbit_prefetch)
 
     def stream(name: str, group: str, *, reclaim: bool = False) -> StreamSub:
         """New entries of a stream; with `reclaim`, entries another consumer left pending too long."""
@@ -50,7 +49,6 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
     rabbit_send_email_sub = rabbit.subscriber(
         topology.command_queue(names.EMAIL_QUEUE),
         topology.TASKS,
-        channel=channel,
         title="email:SendEmail",
         description="Send an e-mail; answers `email.sent` or `email.failed`.",
     )
@@ -62,7 +60,6 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
     rabbit_complete_sub = rabbit.subscriber(
         topology.command_queue(names.COMPLETION_QUEUE),
         topology.TASKS,
-        channel=channel,
         title="ai.completion:RequestCompletion",
         description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
     )

@@ -20,7 +20,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
 from schemas import RequestCompletion, SendEmail
-from streams import cli, names
+from streams import names
+from streams.cli import send
 
 pytestmark = pytest.mark.connected
 
@@ -161,10 +162,10 @@ async def test_send_completion_to_rabbit_with_given_ids(rabbit_channel: aio_pika
 
 async def test_unroutable_command_is_an_error(rabbit_channel: aio_pika.abc.AbstractChannel) -> None:
     # A routing key no queue is bound to: with `mandatory` RabbitMQ returns it, and the CLI says so.
-    route = cli.Route(f"cli-test.unbound.{uuid.uuid4().hex}", "unused", (names.EMAIL_SENT, names.EMAIL_FAILED))
+    route = send.Route(f"cli-test.unbound.{uuid.uuid4().hex}", "unused", (names.EMAIL_SENT, names.EMAIL_FAILED))
 
-    with pytest.raises(cli.PublishError, match="no queue is bound"):
-        await cli._publish_rabbit(RABBIT_URL, route, {"x": 1}, message_id="m", correlation_id="c", io_timeout=DEADLINE)
+    with pytest.raises(send.PublishError, match="no queue is bound"):
+        await send._publish_rabbit(RABBIT_URL, route, {"x": 1}, message_id="m", correlation_id="c", io_timeout=DEADLINE)
 
 
 async def test_invalid_input_publishes_nothing(rabbit_channel: aio_pika.abc.AbstractChannel) -> None:

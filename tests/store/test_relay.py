@@ -13,7 +13,6 @@ from faststream.message import StreamMessage
 from sqlalchemy import update
 
 from streams.envelope import Envelope, Transport
-
 from streams.relay import EventPublisher, Relay
 from streams.store import EventStore
 from streams.tables import outbox

@@ -9,6 +9,11 @@ import pytest
 from streams.breaker import Breaker, State
 
 
+def state_of(breaker: Breaker) -> State:
+    """The state now (a call, so the type checker does not carry narrowing across awaits)."""
+    return breaker.state
+
+
 async def test_opens_after_threshold_consecutive_failures() -> None:
     """Failures below the threshold keep it closed; the threshold-th opens it; a success resets the count."""
     breaker = Breaker("mailer", threshold=3, recovery=60)
@@ -17,9 +22,9 @@ async def test_opens_after_threshold_consecutive_failures() -> None:
     await breaker.success()
     await breaker.failure()
     await breaker.failure()
-    assert breaker.state is State.CLOSED
+    assert state_of(breaker) is State.CLOSED
     await breaker.failure()
-    assert breaker.state is State.OPEN
+    assert state_of(breaker) is State.OPEN
 
 
 async def test_open_breaker_holds_callers_until_recovery_then_lets_one_probe() -> None:
@@ -31,10 +36,10 @@ async def test_open_breaker_holds_callers_until_recovery_then_lets_one_probe() -
     assert not any(w.done() for w in waiters), "held while open"
     done, pending = await asyncio.wait(waiters, timeout=2, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1
-    assert breaker.state is State.HALF_OPEN
+    assert state_of(breaker) is State.HALF_OPEN
     await breaker.success()
     await asyncio.wait_for(asyncio.gather(*pending), 2)
-    assert breaker.state is State.CLOSED
+    assert state_of(breaker) is State.CLOSED
 
 
 async def test_failed_probe_opens_again() -> None:
@@ -42,9 +47,9 @@ async def test_failed_probe_opens_again() -> None:
     breaker = Breaker("llm", threshold=1, recovery=0.05)
     await breaker.failure()
     await asyncio.wait_for(breaker.acquire(), 2)
-    assert breaker.state is State.HALF_OPEN
+    assert state_of(breaker) is State.HALF_OPEN
     await breaker.failure()
-    assert breaker.state is State.OPEN
+    assert state_of(breaker) is State.OPEN
 
 
 async def test_probe_ending_without_verdict_frees_its_slot() -> None:
@@ -57,20 +62,6 @@ async def test_probe_ending_without_verdict_frees_its_slot() -> None:
     assert not second.done()
     await breaker.release()
     await asyncio.wait_for(second, 2)
-
-
-async def test_keepalive_runs_while_waiting() -> None:
-    """A caller held at an open breaker keeps its message owned (keepalive) while it waits."""
-    breaker = Breaker("mailer", threshold=1, recovery=0.3)
-    await breaker.failure()
-    calls = 0
-
-    async def keepalive() -> None:
-        nonlocal calls
-        calls += 1
-
-    await asyncio.wait_for(breaker.acquire(keepalive, keepalive_every=0.05), 2)
-    assert calls >= 2
 
 
 @pytest.mark.parametrize("state", [State.CLOSED, State.HALF_OPEN, State.OPEN])

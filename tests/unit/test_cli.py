@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from schemas import Command, RequestCompletion, SendEmail
-from streams import cli
+from streams.cli import app, send
 from streams.settings import Settings, get_settings
 
 runner = CliRunner()
@@ -23,20 +23,20 @@ COMPLETION = ["send", "completion", "--prompt", "Summarise this."]
 
 @dataclass
 class Recorder:
-    """Stands in for `cli.publish`: records each call, optionally fails."""
+    """Stands in for `send.publish`: records each call, optionally fails."""
 
     calls: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
     def __call__(
         self,
-        broker: cli.Broker,
+        broker: send.Broker,
         command: Command,
         *,
         message_id: str,
         correlation_id: str,
         settings: Settings,
-        timeout: float = cli.DEFAULT_TIMEOUT,
+        timeout: float = send.DEFAULT_TIMEOUT,
     ) -> str:
         self.calls.append(
             {
@@ -49,7 +49,7 @@ class Recorder:
             }
         )
         if self.error is not None:
-            raise cli.PublishError(self.error)
+            raise send.PublishError(self.error)
         return "the test double"
 
 
@@ -67,12 +67,12 @@ def clean_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(cli, "publish", rec)
+    monkeypatch.setattr(send, "publish", rec)
     return rec
 
 
 def invoke(args: list[str], stdin: str | None = None) -> Result:
-    return runner.invoke(cli.app, args, input=stdin)
+    return runner.invoke(app, args, input=stdin)
 
 
 def is_uuid4(value: str) -> bool:
@@ -206,11 +206,11 @@ def test_email_defaults_rabbit_and_fresh_ids(recorder: Recorder) -> None:
 
     assert result.exit_code == 0, result.output
     [call] = recorder.calls
-    assert call["broker"] is cli.Broker.rabbit
+    assert call["broker"] is send.Broker.rabbit
     assert call["command"] == SendEmail(to="ada@example.com", subject="Welcome", body="Hello Ada.")
     assert is_uuid4(call["message_id"])
     assert call["correlation_id"] == call["message_id"]
-    assert call["timeout"] == cli.DEFAULT_TIMEOUT
+    assert call["timeout"] == send.DEFAULT_TIMEOUT
     # stdout is the message id and nothing else, so `$(pipeline send ...)` captures it.
     assert result.stdout == call["message_id"] + "\n"
     assert "hint:" in result.stderr
@@ -234,7 +234,7 @@ def test_email_to_redis_with_given_ids(recorder: Recorder) -> None:
 
     assert result.exit_code == 0, result.output
     [call] = recorder.calls
-    assert call["broker"] is cli.Broker.redis
+    assert call["broker"] is send.Broker.redis
     assert call["command"] == SendEmail(to="ada@example.com", subject="Welcome", body="Hello Ada.", template="welcome")
     assert call["message_id"] == "order-42-welcome"
     assert call["correlation_id"] == "signup-7"
@@ -260,7 +260,7 @@ def test_completion_defaults(recorder: Recorder) -> None:
     assert command.prompt == "Summarise this."
     assert is_uuid4(command.task_id)
     assert command.task_id != call["message_id"]
-    assert call["broker"] is cli.Broker.rabbit
+    assert call["broker"] is send.Broker.rabbit
     assert result.stdout == call["message_id"] + "\n"
     assert f"task id {command.task_id}" in result.stderr
 
@@ -273,7 +273,7 @@ def test_completion_with_everything_given(recorder: Recorder) -> None:
     assert result.exit_code == 0, result.output
     [call] = recorder.calls
     assert call["command"] == RequestCompletion(task_id="task-9", prompt="Summarise this.", model="gpt-4o-mini")
-    assert call["broker"] is cli.Broker.redis
+    assert call["broker"] is send.Broker.redis
     assert (call["message_id"], call["correlation_id"]) == ("m-9", "m-9")
 
 
@@ -334,16 +334,16 @@ def test_unreachable_broker_exits_1_without_traceback_or_password(
 @pytest.mark.parametrize(
     ("broker", "command", "routing_key", "stream"),
     [
-        (cli.Broker.rabbit, SendEmail(to="a@example.com", subject="s", body="b"), "email", "email"),
-        (cli.Broker.redis, SendEmail(to="a@example.com", subject="s", body="b"), "email", "email"),
+        (send.Broker.rabbit, SendEmail(to="a@example.com", subject="s", body="b"), "email", "email"),
+        (send.Broker.redis, SendEmail(to="a@example.com", subject="s", body="b"), "email", "email"),
         (
-            cli.Broker.rabbit,
+            send.Broker.rabbit,
             RequestCompletion(task_id="t", prompt="p", model="echo"),
             "ai.completion",
             "ai.completion",
         ),
         (
-            cli.Broker.redis,
+            send.Broker.redis,
             RequestCompletion(task_id="t", prompt="p", model="echo"),
             "ai.completion",
             "ai.completion",
@@ -351,27 +351,27 @@ def test_unreachable_broker_exits_1_without_traceback_or_password(
     ],
 )
 def test_publish_routes_each_command(
-    monkeypatch: pytest.MonkeyPatch, broker: cli.Broker, command: Command, routing_key: str, stream: str
+    monkeypatch: pytest.MonkeyPatch, broker: send.Broker, command: Command, routing_key: str, stream: str
 ) -> None:
-    seen: list[tuple[str, str, cli.Route, dict[str, Any], dict[str, Any]]] = []
+    seen: list[tuple[str, str, send.Route, dict[str, Any], dict[str, Any]]] = []
 
     def fake(name: str) -> Any:
-        async def publisher(url: str, route: cli.Route, payload: dict[str, Any], **kwargs: Any) -> str:
+        async def publisher(url: str, route: send.Route, payload: dict[str, Any], **kwargs: Any) -> str:
             seen.append((name, url, route, payload, kwargs))
             return "somewhere"
 
         return publisher
 
-    monkeypatch.setattr(cli, "_publish_rabbit", fake("rabbit"))
-    monkeypatch.setattr(cli, "_publish_redis", fake("redis"))
+    monkeypatch.setattr(send, "_publish_rabbit", fake("rabbit"))
+    monkeypatch.setattr(send, "_publish_redis", fake("redis"))
     settings = Settings(rabbit_url="amqp://u:p@rabbit:5672/", redis_url="redis://redis:6379/1")
 
-    where = cli.publish(broker, command, message_id="m", correlation_id="c", settings=settings, timeout=4)
+    where = send.publish(broker, command, message_id="m", correlation_id="c", settings=settings, timeout=4)
 
     assert where == "somewhere"
     [(name, url, route, payload, kwargs)] = seen
     assert name == broker.value
-    assert url == (settings.rabbit_url if broker is cli.Broker.rabbit else settings.redis_url)
+    assert url == (settings.rabbit_url if broker is send.Broker.rabbit else settings.redis_url)
     assert (route.routing_key, route.stream) == (routing_key, stream)
     assert payload == command.model_dump(mode="json")
     assert kwargs == {"message_id": "m", "correlation_id": "c", "io_timeout": 4}

@@ -53,7 +53,9 @@ def rabbit_envelope(queue: str = "email", mid: str = "m-rabbit", body: bytes = M
     return Envelope("rabbit", queue, mid, f"c-{mid}", body, headers, attempt=5)
 
 
-async def redis_envelope(queue: str = "ai.completion", mid: str = "m-redis", body: bytes = b"\xff\x00\x01raw") -> Envelope:
+async def redis_envelope(
+    queue: str = "ai.completion", mid: str = "m-redis", body: bytes = b"\xff\x00\x01raw"
+) -> Envelope:
     inner = {names.H_MESSAGE_ID: mid, "message_id": mid, "content-type": "application/octet-stream", **FAILURE_HEADERS}
     data = await BinaryMessageFormatV1.encode(message=body, reply_to=None, headers=inner, correlation_id=f"c-{mid}")
     fields = {b"__data__": data, names.H_ATTEMPTS.encode(): b"5", b"x-exception-type": b"TransientError"}
@@ -260,7 +262,6 @@ def test_cli_show_prints_a_binary_body_as_hex_and_the_redis_fields(db: Db) -> No
     result = invoke(["show", str(db.ids["redis"])])
 
     assert result.exit_code == 0, result.output
-    assert "body (hex, 7 bytes):\nff000172617700\n" not in result.stdout  # sanity: exact bytes below
     assert "body (hex, 6 bytes):\nff0001726177\n" in result.stdout
     assert "redis fields:\n  __data__: <FastStream envelope" in result.stdout
     assert "  x-attempts: 5" in result.stdout
@@ -434,9 +435,7 @@ def test_replay_dry_run_changes_nothing(db: Db, publisher: FakePublisher) -> Non
         assert asyncio.run(load(db.url, dead_letter_id)).replayed_at is None
 
 
-def test_replay_stops_at_the_first_failure_and_marks_only_what_was_published(
-    db: Db, publisher: FakePublisher
-) -> None:
+def test_replay_stops_at_the_first_failure_and_marks_only_what_was_published(db: Db, publisher: FakePublisher) -> None:
     publisher.fail_on = db.ids["email-2"]
 
     result = invoke(["replay", "--all"])

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from handlers.errors import PipelineError
 from streams import schema
-from streams.cli_db import db_app
+from streams.cli.db import db_app
 from streams.schema import HEAD, SchemaOutdatedError
 from streams.settings import get_settings
 from streams.tables import events, metadata
