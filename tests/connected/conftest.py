@@ -147,6 +147,7 @@ class RabbitProbe:
         self.conn = conn
         self.channel = channel
         self.events: aio_pika.abc.AbstractQueue | None = None
+        self.seen: list[tuple[dict[str, Any], Any]] = []
 
     @classmethod
     async def open(cls) -> RabbitProbe:
@@ -176,14 +177,17 @@ class RabbitProbe:
         assert self.events is not None
         queue = self.events
 
-        async def poll() -> tuple[dict[str, Any], Any] | None:
-            msg = await queue.get(no_ack=True, fail=False)
-            while msg is not None:
-                body = json.loads(msg.body)
+        def find() -> tuple[dict[str, Any], Any] | None:
+            for body, msg in self.seen:
                 if msg.routing_key == event_type and body.get("message_id") == message_id:
                     return body, msg
-                msg = await queue.get(no_ack=True, fail=False)
             return None
+
+        async def poll() -> tuple[dict[str, Any], Any] | None:
+            # Everything read is kept: a test awaiting several events may read them in any order.
+            while (msg := await queue.get(no_ack=True, fail=False)) is not None:
+                self.seen.append((json.loads(msg.body), msg))
+            return find()
 
         result: tuple[dict[str, Any], Any] = await wait_until(poll, timeout)
         return result

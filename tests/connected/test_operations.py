@@ -82,7 +82,11 @@ async def test_open_breaker_stops_consumption_without_spending_attempts(
     switched_at = time.monotonic()
     mail_server.default = ScriptedResponse(200, {"id": "back"})
     for mid in first + held:
-        await bus.event(names.EMAIL_SENT, mid, timeout=60)
+        try:
+            await bus.event(names.EMAIL_SENT, mid, timeout=60)
+        except AssertionError as exc:
+            lines = [ln for ln in worker.log().splitlines() if '"pipeline' in ln or "breaker" in ln]
+            raise AssertionError(f"{mid} never sent\n" + "\n".join(lines[-40:])) from exc
     for mid in held:
         calls = mail_server.requests_for(mid)
         assert len(calls) == 1, f"tried once: {[round(c.received_at - switched_at, 2) for c in calls]}"
