@@ -165,6 +165,7 @@ async def test_rabbitmq_restart_under_load_is_survived(workers: Workers) -> None
             return status == 503 and body["checks"]["rabbitmq"] == "failing"
 
         await wait_until(unready, 15)
+        await asyncio.sleep(3)
         await asyncio.to_thread(server.start_app)
         back = time.monotonic()
 
@@ -219,6 +220,7 @@ async def test_redis_restart_under_load_is_survived(workers: Workers) -> None:
             return status == 503 and body["checks"]["redis"] == "failing"
 
         await wait_until(unready, 15)
+        await asyncio.sleep(3)
         await asyncio.to_thread(server.start)
         back = time.monotonic()
         await client.aclose()
