@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -13,6 +15,7 @@ from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 
 from streams import names, scheduler, topology
 from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
+from streams.store import PendingEvent
 
 DATA_KEY = b"__data__"
 
@@ -26,10 +29,8 @@ class Outlet(Protocol):
         """Read a received message once into an Envelope."""
         ...
 
-    async def publish_event(
-        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
-    ) -> None:
-        """Publish an outcome event (JSON bytes) on `events`, persistently."""
+    async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
+        """Publish outcome events (JSON bytes) on `events`, persistently, in order; all confirmed or raise."""
         ...
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
@@ -79,17 +80,19 @@ class RabbitOutlet:
             published_at=raw.timestamp.timestamp() if raw.timestamp else None,
         )
 
-    async def publish_event(
-        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
-    ) -> None:
-        await self.events[event_type].publish(
-            payload,
-            routing_key=event_type,
+    async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
+        # Sent in order on one channel; the confirms are awaited together, not one by one.
+        await asyncio.gather(*(self._publish_event(row) for row in rows))
+
+    async def _publish_event(self, row: PendingEvent) -> None:
+        await self.events[row.event_type].publish(
+            row.payload,
+            routing_key=row.event_type,
             persist=True,
-            message_id=event_id,
-            correlation_id=correlation_id,
+            message_id=row.event_id,
+            correlation_id=row.correlation_id,
             content_type="application/json",
-            headers={names.H_EVENT_TYPE: event_type, names.H_MESSAGE_ID: message_id},
+            headers={names.H_EVENT_TYPE: row.event_type, names.H_MESSAGE_ID: row.message_id},
         )
 
     @staticmethod
@@ -120,7 +123,8 @@ class RedisOutlet:
     transport: Transport = "redis"
 
     def __init__(self, events: RedisPublisher, client: aioredis.Redis, groups: dict[str, str]) -> None:
-        self.events = events
+        self.events = events  # documents the channel; the relay writes through `client`
+        self.events_stream = names.EVENTS_STREAM
         self.client = client
         self.groups = groups
 
@@ -154,19 +158,26 @@ class RedisOutlet:
             published_at=int(entry_id.split("-", 1)[0]) / 1000 if entry_id else None,
         )
 
-    async def publish_event(
-        self, event_type: str, event_id: str, message_id: str, correlation_id: str, payload: bytes
-    ) -> None:
-        await self.events.publish(
-            payload,
-            correlation_id=correlation_id,
-            headers={
-                "content-type": "application/json",
-                names.H_EVENT_TYPE: event_type,
-                names.H_MESSAGE_ID: message_id,
-                "message_id": event_id,
-            },
-        )
+    async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
+        # One round trip, in order: FastStream's envelope, XADDed through a pipeline.
+        entries = [
+            await BinaryMessageFormatV1.encode(
+                message=row.payload,
+                reply_to=None,
+                headers={
+                    "content-type": "application/json",
+                    names.H_EVENT_TYPE: row.event_type,
+                    names.H_MESSAGE_ID: row.message_id,
+                    "message_id": row.event_id,
+                },
+                correlation_id=row.correlation_id,
+            )
+            for row in rows
+        ]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xadd(self.events_stream, {DATA_KEY: entry})
+            await pipe.execute()
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
         # The entry's own fields go in untouched; the failure headers ride beside them. Parking

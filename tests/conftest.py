@@ -55,6 +55,10 @@ class RecordingRedis:
         return RecordingTransaction(self)
 
 
+def _b(key: Any) -> Any:
+    return key.encode() if isinstance(key, str) else key
+
+
 class RecordingTransaction:
     """A MULTI of RecordingRedis: commands take effect on execute()."""
 
@@ -69,7 +73,7 @@ class RecordingTransaction:
         return None
 
     def xadd(self, name: str, fields: dict[Any, Any], **_: Any) -> None:
-        self.commands.append(lambda: self.redis.added.append((name, dict(fields))))
+        self.commands.append(lambda: self.redis.added.append((name, {_b(k): v for k, v in fields.items()})))
 
     def xack(self, name: str, group: str, entry_id: str) -> None:
         self.commands.append(lambda: self.redis.acked.append((name, group, entry_id)))

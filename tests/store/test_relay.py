@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from streams.envelope import Envelope, Transport
 from streams.relay import EventPublisher, Relay
-from streams.store import EventStore
+from streams.store import EventStore, PendingEvent
 from streams.tables import outbox
 from tests.store import envelope, sent
 
@@ -77,6 +77,11 @@ class FakeOutlet:
         if attempt in broker.down_for:
             raise BrokerDownError(f"publish attempt {attempt}: connection refused")
         broker.log.append(Published(self.transport, event_type, event_id, message_id, correlation_id, payload))
+
+    async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
+        """Publish a run of rows in order, like a broker: the first failure ends the run."""
+        for row in rows:
+            await self.publish_event(row.event_type, row.event_id, row.message_id, row.correlation_id, row.payload)
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
         raise NotImplementedError

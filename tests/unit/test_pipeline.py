@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from faststream.rabbit import TestRabbitBroker
 from faststream.redis import TestRedisBroker
+from faststream.redis.parser.binary import BinaryMessageFormatV1
 
 from handlers.errors import DeliveryRejectedError, DependencyUnavailableError
 from handlers.models import EchoModel
@@ -86,8 +87,14 @@ class Harness:
         if broker == "rabbit":
             calls = pubs.rabbit_events[event_type].mock.call_args_list
             return [c.args[0] for c in calls]
-        calls = pubs.redis_events.mock.call_args_list
-        return [c.args[0] for c in calls if c.args[0].get("type") == event_type]
+        # On Redis the relay XADDs to stream `events` through the (here: recording) client.
+        found = []
+        for stream, fields in self.redis_client.added:
+            if stream == names.EVENTS_STREAM:
+                body, headers = BinaryMessageFormatV1.parse(fields[b"__data__"])
+                if headers.get(names.H_EVENT_TYPE) == event_type:
+                    found.append(json.loads(body))
+        return found
 
 
 @pytest.fixture
@@ -226,8 +233,7 @@ async def test_rabbit_dead_letter_goes_to_the_dlq_queue_with_the_original_body(h
 async def test_redis_dead_letter_keeps_the_entry_fields_verbatim(harness: Harness) -> None:
     """On Redis the dead letter is an XADD to `email.dlq` of the entry's own fields plus the failure fields."""
     await harness.send("redis", names.EMAIL_QUEUE, b"\x00garbage")
-    [(stream, fields)] = harness.redis_client.added
-    assert stream == "email.dlq"
+    [fields] = [f for stream, f in harness.redis_client.added if stream == "email.dlq"]
     assert b"__data__" in fields, "the original FastStream envelope is kept byte for byte"
     assert fields[names.H_FAILURE_KIND.encode()] == b"invalid"
 
