@@ -103,7 +103,7 @@ def start_worker(tmp: Path, env: dict[str, str] | None = None, name: str = "work
     return Worker(proc, port, log_path, db_url)
 
 
-def wait_ready_sync(worker: Worker, timeout: float = 40) -> None:
+def wait_ready_sync(worker: Worker, timeout: float = 60) -> None:
     """Wait for `/health/ready` to answer 200 (blocking; for fixtures shared by many tests)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -118,7 +118,7 @@ def wait_ready_sync(worker: Worker, timeout: float = 40) -> None:
     raise AssertionError(f"worker not ready within {timeout}s:\n{worker.log()[-3000:]}")
 
 
-async def wait_ready(worker: Worker, timeout: float = 40) -> None:
+async def wait_ready(worker: Worker, timeout: float = 60) -> None:
     """Wait for `/health/ready` to answer 200."""
     await asyncio.to_thread(wait_ready_sync, worker, timeout)
 
