@@ -106,6 +106,8 @@ class EventStore:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.committer: GroupCommitter[Commit, Committed] = GroupCommitter(self._write, max_batch, max_wait)
+        # Inbox lookups of concurrent messages share one query the same way.
+        self.inbox_reader: GroupCommitter[tuple[str, str], bool] = GroupCommitter(self._seen_many, max_batch)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -115,9 +117,11 @@ class EventStore:
             async with self.engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)
         self.committer.start()
+        self.inbox_reader.start()
 
     async def close(self) -> None:
         """Finish queued commits and release every connection."""
+        await self.inbox_reader.stop()
         await self.committer.stop()
         await self.engine.dispose()
 
@@ -134,11 +138,15 @@ class EventStore:
 
     async def seen(self, consumer: str, message_id: str) -> bool:
         """True when `consumer` already committed the outcome of `message_id`."""
+        return await self.inbox_reader.submit((consumer, message_id))
+
+    async def _seen_many(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
         async with self.engine.connect() as conn:
-            found = await conn.scalar(
-                select(inbox.c.message_id).where(inbox.c.consumer == consumer, inbox.c.message_id == message_id)
+            rows = await conn.execute(
+                select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_({m for _, m in keys}))
             )
-        return found is not None
+            found = {(r[0], r[1]) for r in rows}
+        return [key in found for key in keys]
 
     async def commit(self, unit: Commit) -> Committed:
         """Write one message's changes, in a transaction shared with concurrent commits."""
