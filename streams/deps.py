@@ -55,12 +55,13 @@ def install(adapters: Adapters) -> None:
     ADAPTERS.client = adapters.client
 
 
-def get_mailer() -> Mailer:
+# `async def`: FastDepends runs a plain `def` dependency in a worker thread, once per message.
+async def get_mailer() -> Mailer:
     """The configured mailer."""
     return ADAPTERS.mailer
 
 
-def get_model() -> CompletionModel:
+async def get_model() -> CompletionModel:
     """The configured completion model."""
     return ADAPTERS.model
 

@@ -63,6 +63,12 @@ END_TO_END = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
     registry=REGISTRY,
 )
+STORE_BATCH = Histogram(
+    "pipeline_store_batch_size",
+    "Messages per group-commit transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
 
 
 def render() -> tuple[bytes, str]:

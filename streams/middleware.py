@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 from faststream import BaseMiddleware
@@ -15,7 +16,14 @@ from streams.pipeline import Delivery, Pipeline
 
 log = get_logger("pipeline.middleware")
 
-DELIVERY_KEY = "delivery"
+# The message being handled, for the subscriber function. A ContextVar rather than FastStream's
+# `Context()`: FastDepends resolves a Context field in a worker thread, once per message.
+_CURRENT: contextvars.ContextVar[Delivery] = contextvars.ContextVar("pipeline_delivery")
+
+
+def current_delivery() -> Delivery:
+    """The delivery the calling subscriber function is handling."""
+    return _CURRENT.get()
 
 
 def source_of(handler: Any, fallback: str) -> str:
@@ -66,11 +74,11 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
         async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> Any:
             if not await pipeline.admit(delivery):
                 return None
-            with self.context.scope(DELIVERY_KEY, delivery):
-                try:
-                    return await call_next(msg)
-                except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                    await pipeline.fail(delivery, exc)
-                    return None
+            _CURRENT.set(delivery)  # this task's own context: set, never reset, gone with the task
+            try:
+                return await call_next(msg)
+            except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+                await pipeline.fail(delivery, exc)
+                return None
 
     return PipelineMiddleware

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from streams import metrics
 from streams.logging import get_logger
@@ -23,6 +24,7 @@ log = get_logger("pipeline.monitor")
 class SourceActivity:
     """One queue or stream as this worker sees it."""
 
+    gauge: Any  # its `pipeline_in_flight` child, looked up once (labels() is not cheap)
     in_flight: int = 0
     handled: int = 0
     last_message_at: float | None = None  # wall clock, seconds
@@ -39,21 +41,24 @@ class Monitor:
 
     def activity(self, broker: str, source: str) -> SourceActivity:
         """The activity record of one source."""
-        return self.sources.setdefault((broker, source), SourceActivity())
+        act = self.sources.get((broker, source))
+        if act is None:
+            act = self.sources[(broker, source)] = SourceActivity(metrics.IN_FLIGHT.labels(broker, source))
+        return act
 
     def started(self, broker: str, source: str) -> None:
         """A message of `source` began."""
         act = self.activity(broker, source)
         act.in_flight += 1
         act.last_message_at = time.time()
-        metrics.IN_FLIGHT.labels(broker, source).set(act.in_flight)
+        act.gauge.set(act.in_flight)
 
     def finished(self, broker: str, source: str) -> None:
         """A message of `source` ended (whatever its outcome)."""
         act = self.activity(broker, source)
         act.in_flight = max(act.in_flight - 1, 0)
         act.handled += 1
-        metrics.IN_FLIGHT.labels(broker, source).set(act.in_flight)
+        act.gauge.set(act.in_flight)
 
     def start(self, interval: float = 5.0) -> None:
         """Sample every `interval` seconds in the background."""

@@ -10,9 +10,8 @@ Every handler's outcome goes to `events` on the broker the command came from.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from faststream import Context
 from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker, StreamSub
 
@@ -21,12 +20,10 @@ from schemas import RequestCompletion, SendEmail
 from streams import names, topology
 from streams.deps import MailerDep, ModelDep
 from streams.flows import COMPLETION, EMAIL
-from streams.middleware import DELIVERY_KEY
+from streams.middleware import current_delivery
 from streams.parsing import tolerant_redis_parser
-from streams.pipeline import Delivery, Pipeline
+from streams.pipeline import Pipeline
 from streams.settings import Settings
-
-CurrentDelivery = Annotated[Delivery, Context(DELIVERY_KEY)]
 
 # The AsyncAPI document shows this placeholder; each process takes a unique name at start-up.
 CONSUMER_PLACEHOLDER = "worker"
@@ -54,7 +51,8 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
     )
 
     @rabbit_send_email_sub
-    async def rabbit_send_email(cmd: SendEmail, mailer: MailerDep, delivery: CurrentDelivery) -> None:
+    async def rabbit_send_email(cmd: SendEmail, mailer: MailerDep) -> None:
+        delivery = current_delivery()
         await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
 
     rabbit_complete_sub = rabbit.subscriber(
@@ -65,7 +63,8 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
     )
 
     @rabbit_complete_sub
-    async def rabbit_complete(cmd: RequestCompletion, model: ModelDep, delivery: CurrentDelivery) -> None:
+    async def rabbit_complete(cmd: RequestCompletion, model: ModelDep) -> None:
+        delivery = current_delivery()
         await pipeline.run(
             delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
         )
@@ -85,7 +84,8 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
     )
 
     @redis_send_email_sub
-    async def redis_send_email(cmd: SendEmail, mailer: MailerDep, delivery: CurrentDelivery) -> None:
+    async def redis_send_email(cmd: SendEmail, mailer: MailerDep) -> None:
+        delivery = current_delivery()
         await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
 
     redis_complete_sub = redis.subscriber(
@@ -105,7 +105,8 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
     )
 
     @redis_complete_sub
-    async def redis_complete(cmd: RequestCompletion, model: ModelDep, delivery: CurrentDelivery) -> None:
+    async def redis_complete(cmd: RequestCompletion, model: ModelDep) -> None:
+        delivery = current_delivery()
         await pipeline.run(
             delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
         )

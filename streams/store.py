@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from handlers.errors import TransientError
 from schemas import Event
-from streams import projections
+from streams import metrics, projections
 from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.failures import Failure
@@ -159,6 +159,7 @@ class EventStore:
         return done.dead_letter_id
 
     async def _write(self, units: Sequence[Commit]) -> list[Committed]:
+        metrics.STORE_BATCH.observe(len(units))
         try:
             async with self.engine.begin() as conn:
                 return await self._write_in(conn, units)
