@@ -20,7 +20,7 @@ from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
-from streams import health, metrics, schema, topology
+from streams import health, metrics, names, schema, topology
 from streams.deps import ADAPTERS, Adapters, install
 from streams.flows import COMPLETION, EMAIL
 from streams.groups import keep_group_alive
@@ -78,6 +78,9 @@ keepalive = PendingKeepalive(redis_client, topology.COMMAND_STREAMS, CONSUMER, s
 mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
 for _flow in (EMAIL, COMPLETION):
     pipeline.breaker(_flow.dependency)  # one per dependency, visible in health from the start
+pipeline.flow_of_source.update(
+    {names.EMAIL_QUEUE: EMAIL.name, names.COMPLETION_QUEUE: COMPLETION.name}  # the streams share these names
+)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
 rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topology.COMMAND_QUEUES)))

@@ -19,12 +19,21 @@ def mask_secrets(text: str) -> str:
     return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
 
 
+def _clean(key: str, value: Any) -> Any:
+    if any(s in key.lower() for s in _SECRET_KEYS) and value is not None:
+        return "***"
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, dict):
+        return {k: _clean(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(key, v) for v in value]
+    return value
+
+
 def _scrub(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     for key, value in list(event.items()):
-        if any(s in key.lower() for s in _SECRET_KEYS):
-            event[key] = "***"
-        elif isinstance(value, str):
-            event[key] = mask_secrets(value)
+        event[key] = _clean(key, value)
     return event
 
 

@@ -67,6 +67,7 @@ class Pipeline:
         self.relay = Relay(store, self.outlets, orphaned_after=settings.outbox_orphan_seconds)
         self.breakers: dict[str, Breaker] = {}
         self.monitor = Monitor()
+        self.flow_of_source: dict[str, str] = {}  # queue or stream -> flow name (the inbox consumer)
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
 
     def breaker(self, dependency: str) -> Breaker:
@@ -94,6 +95,11 @@ class Pipeline:
             )
             return False
         if env.redeliveries >= self.settings.delivery_limit:
+            flow = self.flow_of_source.get(env.source)
+            if flow is not None and await self.store.seen(flow, env.message_id):
+                # Its outcome was committed before the crashes: it is done, not poison.
+                metrics.DUPLICATES.labels(env.transport, env.source).inc()
+                return False
             exc = PoisonMessageError(
                 f"delivered {env.redeliveries + 1} times without an outcome (limit {self.settings.delivery_limit})"
             )
@@ -198,8 +204,6 @@ class Pipeline:
     async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
         """Park the message with its story, keep it for review, alert, and say so in events."""
         env = delivery.envelope
-        await self.outlets[env.transport].dead_letter(env, failure.headers(env))
-        metrics.DEAD_LETTERS.labels(env.transport, env.source, failure.kind.value).inc()
         ctx = env.context
         outcome: list[Event] = []
         stream_id = f"deadletter-{env.message_id}"
@@ -219,7 +223,17 @@ class Pipeline:
                 attempts=failure.attempts,
             )
         )
-        done = await self.store.commit(Commit(stream_id, outcome, env, dead_letter=failure))
+        # Recorded first, then parked: a crash in between redelivers the message, which is then
+        # parked without a second record (the key below is this failure's, so a replay that fails
+        # again is recorded again).
+        replayed_from = env.headers.get("x-replayed-from", "")
+        key = f"dead-letter:{failure.kind.value}:{env.attempt}:{replayed_from}"[:64]
+        done = await self.store.commit(Commit(stream_id, outcome, env, consumer=key, dead_letter=failure))
+        await self.outlets[env.transport].dead_letter(env, failure.headers(env))
+        if done.outcome is Outcome.DUPLICATE:
+            log.warning("dead letter parked again after a crash; already recorded", failure_kind=failure.kind.value)
+            return
+        metrics.DEAD_LETTERS.labels(env.transport, env.source, failure.kind.value).inc()
         self.relay.kick()
         log.warning(
             "dead-lettered",

@@ -146,8 +146,9 @@ class Settings(BaseSettings):
     def safe_dump(self) -> dict[str, object]:
         """Settings as shown to operators: URLs masked, secrets hidden."""
         data = self.model_dump(mode="json")
-        for key in ("rabbit_url", "redis_url", "database_url"):
-            data[key] = mask_url(str(data[key]))
+        for key, value in data.items():
+            if key.endswith("_url") and value:
+                data[key] = mask_url(str(value))
         return data
 
 
