@@ -25,8 +25,8 @@ unit: $(STAMP) ## in-memory tests only (fast)
 connected: $(STAMP) ## tests against the real RabbitMQ, Redis and PostgreSQL
 	$(BIN)/pytest -m connected
 
-chaos: $(STAMP) ## fault-injection runs (slow)
-	$(BIN)/pytest -m chaos
+chaos: $(STAMP) ## fault injection on private servers (slow): CHAOS_SEED (default random, printed), CHAOS_N (default 20000)
+	$(BIN)/pytest -m chaos -s -p no:cacheprovider tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -47,3 +47,18 @@ docs: $(STAMP) ## regenerate asyncapi.yaml from the code
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info pipeline.db*
+
+.PHONY: bench-scale bench-profile
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## benchmark table -> bench/results/ (BENCH_N=20000 BENCH_ROUNDS=3 BENCH_ONLY=...; see bench/README.md)
+	$(BIN)/python -m bench run
+
+bench-scale: $(BENCH_STAMP) ## scaling figures: 1-3 workers, 1M-event store append rate, projection rebuild
+	$(BIN)/python -m bench scale
+
+bench-profile: $(BENCH_STAMP) ## py-spy flame graphs of the worker draining RabbitMQ and Redis
+	$(BIN)/python -m bench profile
