@@ -1,0 +1,1 @@
+"""Benchmark harness for the pipeline: `python -m bench run|scale|profile` (see bench/README.md)."""

@@ -1,0 +1,195 @@
+"""A smoke of the benchmark harness (bench/): its pure parts, and one tiny contender run when connected.
+
+No timed assertions: numbers depend on the machine; only shapes and bookkeeping are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import report, stats
+from bench.config import ALL_CONTENDERS, BenchConfig
+from bench.contenders.meter import Meter
+from bench.model import Sample
+from bench.pipeline import summarize_latency
+from bench.profile import Profile, component
+from bench.runner import round_order
+from tests.conftest import require
+
+
+def test_median_percentile_and_summary() -> None:
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert stats.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert math.isnan(stats.median([]))
+    assert stats.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert stats.percentile([10.0], 99) == 10.0
+    assert stats.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+    with pytest.raises(ValueError, match="within"):
+        stats.percentile([1.0], 101)
+    s = stats.summarize([100.0, None, 80.0, math.nan, 120.0])
+    assert (s.median, s.low, s.high, s.count) == (100.0, 80.0, 120.0, 3)
+    assert s.spread == pytest.approx(0.4)
+    assert stats.summarize([None]).count == 0
+    assert stats.ratio(3.0, 2.0) == 1.5
+    assert math.isnan(stats.ratio(1.0, 0.0))
+
+
+def test_steady_rate_leaves_out_start_and_tail() -> None:
+    samples = [(0.0, 0), (1.0, 10), (2.0, 50), (3.0, 90), (4.0, 100)]
+    assert stats.steady_rate(samples, 100) == pytest.approx((90 - 10) / (3.0 - 1.0))
+    assert math.isnan(stats.steady_rate([(0.0, 0)], 100))
+
+
+def test_rounds_are_interleaved_and_rotate() -> None:
+    keys = ["a", "b", "c"]
+    assert round_order(keys, 0) == ["a", "b", "c"]
+    assert round_order(keys, 1) == ["b", "c", "a"]
+    assert round_order(keys, 3) == keys
+    assert round_order([], 2) == []
+
+
+def test_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BENCH_N", "200")
+    monkeypatch.setenv("BENCH_ROUNDS", "1")
+    monkeypatch.setenv("BENCH_ONLY", "redis-raw, rabbit-aiopika")
+    cfg = BenchConfig.from_env()
+    assert (cfg.n, cfg.rounds, cfg.contenders) == (200, 1, ("redis-raw", "rabbit-aiopika"))
+    cfg.validate()
+    monkeypatch.setenv("BENCH_ONLY", "celery")
+    with pytest.raises(ValueError, match="unknown contender"):
+        BenchConfig.from_env().validate()
+    assert set(BenchConfig().contenders) == set(ALL_CONTENDERS)
+
+
+def test_meter_counts_to_n_and_then_ignores_stragglers() -> None:
+    meter = Meter(3)
+    assert [meter.tick(), meter.tick(), meter.tick(), meter.tick()] == [False, False, True, False]
+    result = meter.result()
+    assert result.handled == 3
+    assert not result.capped
+    assert result.t_last >= result.t_first
+    assert result.peak_rss_mb > 0
+
+
+def test_meter_stops_at_the_time_cap() -> None:
+    meter = Meter(10_000, max_seconds=1e-9)
+    ticks = [meter.tick() for _ in range(600)]
+    assert ticks.count(True) == 1
+    assert meter.result().capped
+    assert meter.result().handled == 256  # the cap is looked at every 256 messages
+
+
+def test_latency_summary_counts_lost_messages_as_worst() -> None:
+    sent = {f"m{i}": float(i) for i in range(10)}
+    arrived = {f"m{i}": float(i) + 0.010 for i in range(9)}  # m9 never arrives
+    lat = summarize_latency(rate=1.0, sent=sent, arrived=arrived, t0=0.0, warmup=2.0, t_end=10.0)
+    assert lat.sent == 10
+    assert lat.received == 9
+    assert lat.p50_ms == pytest.approx(10.0)
+    assert math.isinf(lat.p99_ms)
+    assert lat.achieved_rate == pytest.approx(1.0)
+
+
+def _samples() -> list[Sample]:
+    found = []
+    for r, (fs, dq, pipe, rfs, rpipe) in enumerate([(1000, 800, 900, 600, 2000), (1100, 700, 1000, 500, 1900)]):
+        found += [
+            Sample("rabbit-faststream", r + 1, 200, fs, 500.0, 48.0, 0.2, handled=200, machine_busy=0.5),
+            Sample("rabbit-dramatiq", r + 1, 200, dq, 600.0, 39.0, 0.2, handled=200, machine_busy=0.5),
+            Sample(
+                "rabbit-pipeline-sqlite",
+                r + 1,
+                200,
+                pipe,
+                900.0,
+                110.0,
+                0.2,
+                handled=150,
+                machine_busy=0.9,
+                latency_p50_ms=5.0,
+                latency_p99_ms=20.0,
+                latency_rate=pipe / 2,
+            ),
+            Sample("redis-faststream", r + 1, 200, rfs, 700.0, 52.0, 0.2, handled=200),
+            Sample("redis-pipeline-sqlite", r + 1, 200, rpipe, 800.0, 100.0, 0.2, handled=200, latency_p99_ms=30.0),
+        ]
+    found.append(Sample("redis-raw", 1, 200, error="RuntimeError('broker down')"))
+    return found
+
+
+def test_targets_use_medians_and_paired_rounds() -> None:
+    targets = {t.name: t for t in report.targets(_samples())}
+    fs = targets["RabbitMQ: pipeline (SQLite) / bare FastStream"]
+    assert fs.measured == pytest.approx(950 / 1050)
+    assert fs.per_round == pytest.approx((0.9, 1000 / 1100))
+    assert fs.holds is False
+    assert targets["RabbitMQ: pipeline (SQLite) / Dramatiq"].holds is False  # 950 / 750 = 1.27 < 1.5
+    assert targets["Redis: pipeline (SQLite) / bare FastStream stream"].holds is True  # 1950 / 550
+    assert targets["RabbitMQ pipeline, SQLite: p99 latency at half max"].holds is True
+    assert targets["Redis pipeline, SQLite: p99 latency at half max"].holds is False
+
+
+def test_report_renders_markdown_and_json(tmp_path: Path) -> None:
+    meta = {"n": 200, "rounds": 2, "loop": "asyncio", "cpus": 2, "max_drain_seconds": 20, "notes": ["a note"]}
+    text = report.render_markdown(_samples(), meta)
+    assert "| (b) bare FastStream | RabbitMQ |" in text
+    assert "1,050 (1,000–1,100; 10%)" in text
+    assert "950 (900–1,000; 11%) †" in text  # timed on fewer than N
+    assert "round 1, redis-raw: RuntimeError('broker down')" in text
+    assert "- a note" in text
+    assert "CPU basis" in text
+    written = report.write(_samples(), meta, tmp_path, chart=False)
+    assert [p.name for p in written] == ["results.md", "results.json"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["summary"]["rabbit-faststream"]["drain_rate"]["median"] == 1050
+    assert len(data["samples"]) == 11
+    assert Sample.from_dict(data["samples"][-1]).error == "RuntimeError('broker down')"
+
+
+def test_chart_renders(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = report.render_chart(_samples(), {"n": 200, "rounds": 2}, tmp_path / "chart.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_summary_from_collapsed_stacks() -> None:
+    raw = [
+        "thread (1): MainThread;run (asyncio/base_events.py:1);commit (streams/store.py:10);"
+        "execute (sqlalchemy/x.py:2) 6",
+        "thread (1): MainThread;run (asyncio/base_events.py:1);select (selectors.py:5);"
+        "EpollSelector.select (selectors.py:468) 4",
+        "thread (2): Thread-1;_connection_worker_thread (aiosqlite/core.py:59) 10",
+        "thread (2): Thread-1;_connection_worker_thread (aiosqlite/core.py:63) 2",
+    ]
+    profile = Profile.parse(raw)
+    assert sum(profile.busy().values()) == 8
+    assert dict(profile.components()) == {"SQLAlchemy": 0.75, "aiosqlite + SQLite": 0.25}
+    assert profile.loop_idle() == pytest.approx(0.4)
+    assert component(["f (asyncio/events.py:1)", "g (streams/pipeline.py:3)", "h (asyncio/x.py:1)"]).startswith(
+        "pipeline code"
+    )
+
+
+@pytest.mark.connected
+def test_one_tiny_contender_run(tmp_path: Path) -> None:
+    """The raw Redis consumer-group loop, N=200, in its own process, through the real runner."""
+    require("redis")
+    from bench import runner
+
+    cfg = BenchConfig(n=200, rounds=1, contenders=("redis-raw",), max_drain_seconds=0, timeout=60)
+    sample = asyncio.run(runner.run_bare("redis-raw", cfg, cfg.rabbit_url, 1, tmp_path, cfg.n))
+    assert sample.error is None
+    assert sample.handled == 200
+    assert sample.details["invalid"] == 0
+    assert sample.drain_rate > 0
+    assert sample.peak_rss_mb > 0
+
+
+def test_cpu_basis_ratios() -> None:
+    rows = dict(report.cpu_ratios(_samples()))
+    assert rows["RabbitMQ: pipeline (SQLite) / bare FastStream"] == pytest.approx(500 / 900)
