@@ -45,7 +45,8 @@ def encode(queue_name: str, payload: dict[str, Any], message_id: str) -> bytes:
     message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name=queue_name, actor_name=ACTOR, args=(payload,), kwargs={}, options={}, message_id=message_id
     )
-    return message.encode()
+    encoded: bytes = message.encode()
+    return encoded
 
 
 def declare(url: str, queue_name: str) -> None:
