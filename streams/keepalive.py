@@ -9,43 +9,32 @@ XCLAIM JUSTID, which resets their idle time without counting a delivery.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from streams.logging import get_logger
+from streams.periodic import Periodic
 
-log = get_logger("pipeline.keepalive")
 BATCH = 1000
 
 
-class PendingKeepalive:
+class PendingKeepalive(Periodic):
     """Background task that refreshes this consumer's idle pending entries."""
+
+    name = "redis-pending-keepalive"
+    quiet_failures = True  # Redis being down shows in /health/ready
 
     def __init__(
         self, client: aioredis.Redis, streams: Sequence[tuple[str, str]], consumer: str, claim_idle_ms: int
     ) -> None:
+        self.refresh_after_ms = max(claim_idle_ms // 3, 1)
+        super().__init__(self.refresh_after_ms / 1000)
         self.client = client
         self.streams = tuple(streams)
         self.consumer = consumer
-        self.refresh_after_ms = max(claim_idle_ms // 3, 1)
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Start refreshing."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="redis-pending-keepalive")
-
-    async def stop(self) -> None:
-        """Stop refreshing: once this worker is gone, others may reclaim what it left."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def tick(self) -> None:
+        await self.refresh()
 
     async def refresh(self) -> int:
         """Refresh every entry of ours idle for a third of the claim time; returns how many."""
@@ -59,11 +48,3 @@ class PendingKeepalive:
                 await self.client.xclaim(stream, group, self.consumer, 0, ids, justid=True)
                 refreshed += len(ids)
         return refreshed
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except RedisError as exc:
-                log.debug("pending keepalive cannot reach Redis", error=repr(exc))
-            await asyncio.sleep(self.refresh_after_ms / 1000)

@@ -8,7 +8,6 @@ the latest values.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from streams import metrics
 from streams.logging import get_logger
+from streams.periodic import Periodic
 
 log = get_logger("pipeline.monitor")
 
@@ -31,13 +31,15 @@ class SourceActivity:
     depth: int | None = None  # RabbitMQ ready messages / Redis lag + pending
 
 
-class Monitor:
+class Monitor(Periodic):
     """Activity per (broker, source), and a background sampler for depth, lag and outbox."""
 
-    def __init__(self) -> None:
+    name = "monitor"
+
+    def __init__(self, interval: float = 5.0) -> None:
+        super().__init__(interval)
         self.sources: dict[tuple[str, str], SourceActivity] = {}
         self.samplers: list[Callable[[], Awaitable[None]]] = []
-        self._task: asyncio.Task[None] | None = None
 
     def activity(self, broker: str, source: str) -> SourceActivity:
         """The activity record of one source."""
@@ -60,19 +62,6 @@ class Monitor:
         act.handled += 1
         act.gauge.set(act.in_flight)
 
-    def start(self, interval: float = 5.0) -> None:
-        """Sample every `interval` seconds in the background."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(interval), name="monitor")
-
-    async def stop(self) -> None:
-        """Stop sampling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
     async def sample(self) -> None:
         """Refresh every sampled gauge once; a failing sampler never stops the others."""
         for sampler in self.samplers:
@@ -81,7 +70,5 @@ class Monitor:
             except Exception as exc:  # noqa: BLE001 - an unreachable broker is reported by health
                 log.debug("sampler failed", sampler=getattr(sampler, "__name__", "?"), error=repr(exc))
 
-    async def _run(self, interval: float) -> None:
-        while True:
-            await self.sample()
-            await asyncio.sleep(interval)
+    async def tick(self) -> None:
+        await self.sample()

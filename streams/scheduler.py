@@ -9,19 +9,14 @@ the stream's own cluster slot.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from streams.logging import get_logger
-
-log = get_logger("pipeline.scheduler")
+from streams.periodic import Periodic
 
 MOVE_BATCH = 100
 
@@ -82,34 +77,17 @@ async def pending(client: aioredis.Redis, stream: str) -> int:
     return int(await client.zcard(schedule_key(stream)))
 
 
-class Mover:
-    """Background task that moves due retries back into their streams every `interval` seconds."""
+class Mover(Periodic):
+    """Moves due retries back into their streams every `interval` seconds; stopping loses nothing."""
+
+    name = "redis-retry-mover"
 
     def __init__(self, client: aioredis.Redis, streams: Sequence[str], interval: float) -> None:
+        super().__init__(interval)
         self.client = client
         self.streams = tuple(streams)
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Start moving in the background."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="redis-retry-mover")
-
-    async def stop(self) -> None:
-        """Stop moving; nothing is lost, a later mover picks up where this one stopped."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            for stream in self.streams:
-                try:
-                    while await move_due(self.client, stream) == MOVE_BATCH:
-                        pass
-                except RedisError as exc:
-                    log.warning("retry mover cannot reach Redis", stream=stream, error=repr(exc))
-            await asyncio.sleep(self.interval)
+    async def tick(self) -> None:
+        for stream in self.streams:
+            while await move_due(self.client, stream) == MOVE_BATCH:
+                pass
