@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+from bench import loops
 from bench.config import BenchConfig
 
 
@@ -14,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("part", choices=("run", "scale", "profile", "report"), nargs="?", default="run")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_env()
+    # Decided once: a uvloop installed while the run goes on must not change the loop halfway.
+    cfg = dataclasses.replace(cfg, loop=loops.resolve(cfg.loop))
     if args.part == "run":
         from bench import runner  # noqa: PLC0415
 
@@ -26,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench import report  # noqa: PLC0415
 
         report.rerender(cfg.results)
+        from bench import profile as profile_  # noqa: PLC0415
+
+        profile_.rerender(cfg.results)
         return 0
     from bench import profile  # noqa: PLC0415
 

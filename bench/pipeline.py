@@ -402,6 +402,9 @@ class Latency:
     p99_ms: float
     max_ms: float
     achieved_rate: float
+    # The worker(s) during the phase: share of one CPU, and CPU per outcome (batches are small here).
+    worker_cpu_share: float = math.nan
+    worker_cpu_us_per_msg: float = math.nan
 
 
 def summarize_latency(
@@ -599,10 +602,15 @@ async def run_pipeline(
                 for w in started:
                     await w.wait_ready()
                 rate = drain.rate / 2
+                pids = [w.pid for w in started]
+                cpu0, t0 = procstat.total_cpu_seconds(pids), time.monotonic()
                 if broker == "rabbit":
                     lat = await latency_rabbit(rabbit_url, rate, cfg.latency_seconds, cfg.latency_warmup)
                 else:
                     lat = await latency_redis(cfg.redis_url, rate, cfg.latency_seconds, cfg.latency_warmup)
+                cpu, seconds = procstat.total_cpu_seconds(pids) - cpu0, time.monotonic() - t0
+                lat.worker_cpu_share = cpu / seconds if seconds > 0 else math.nan
+                lat.worker_cpu_us_per_msg = cpu / lat.received * 1e6 if lat.received else math.nan
             peak = max(procstat.peak_rss_mb(w.pid) for w in started)
             return PipelineResult(drain, peak, dead, lat, workers, [w.tail() for w in started])
         finally:

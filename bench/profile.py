@@ -6,6 +6,7 @@ second, raw recording of the same window: by component and by pipeline step).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,10 @@ IDLE_LEAVES = (
     "EpollSelector.select (selectors.py",
 )
 RATE = 50  # samples per second: the worker runs dozens of threads, each sampled
-LOOP_IDLE = "EpollSelector.select (selectors.py"
+LOOP_IDLE = "EpollSelector.select (selectors.py"  # asyncio's loop waiting
+# uvloop's loop is C code: a main-thread sample with no Python frame above the loop's entry is inside
+# uvloop itself (waiting in epoll, or its own bookkeeping), which py-spy cannot tell apart.
+IN_C_LOOP = ("Runner.run (asyncio/runners.py", "BaseEventLoop.run_until_complete (asyncio/base_events.py")
 
 
 def idle(stack: str) -> bool:
@@ -101,8 +105,17 @@ class Profile:
         """Share of the main thread's samples spent waiting in epoll: how far from saturated its loop is."""
         main = {s: c for s, c in self.stacks.items() if s.startswith("thread") and "MainThread" in s.split(";", 1)[0]}
         total = sum(main.values())
-        waiting = sum(c for s, c in main.items() if s.rsplit(";", 1)[-1].startswith(LOOP_IDLE))
+        waiting = sum(c for s, c in main.items() if s.rsplit(";", 1)[-1].startswith((LOOP_IDLE, *IN_C_LOOP)))
         return waiting / total if total else float("nan")
+
+    def tasks(self, top: int = 14) -> list[tuple[str, float]]:
+        """Main thread's busy samples by what the loop was running: the frames right below the loop."""
+        main = {s: c for s, c in self.busy().items() if "MainThread" in s.split(";", 1)[0]}
+        total = sum(main.values()) or 1
+        found: Counter[str] = Counter()
+        for stack, count in main.items():
+            found[task_of(stack.split(";"))] += count
+        return [(name, count / total) for name, count in found.most_common(top)]
 
     def idle_threads(self) -> int:
         """Distinct threads seen."""
@@ -145,6 +158,18 @@ class Profile:
         return [(name, count / total) for name, count in found.most_common(top)]
 
 
+def task_of(frames: list[str]) -> str:
+    """The coroutine or callback a main-thread sample was in: two frames below `Handle._run` (asyncio)
+    or below the loop's entry (uvloop runs callbacks from C)."""
+    names = [f.split(" (", 1)[0] for f in frames]
+    for marker in ("Handle._run", "Runner.run", "BaseEventLoop.run_until_complete"):
+        if marker in names:
+            i = len(names) - 1 - names[::-1].index(marker)
+            below = names[i + 1 : i + 3]
+            return " > ".join(below) if below else "the event loop itself (C code under uvloop)"
+    return "outside the event loop"
+
+
 def component(frames: list[str]) -> str:
     """The component of a stack: its innermost frame that belongs to a known package."""
     for frame in reversed(frames):
@@ -163,6 +188,8 @@ def render(profile: Profile, title: str, facts: dict[str, str]) -> str:
     lines += [f"| {name} | {share:.1%} |" for name, share in profile.components()]
     lines += ["", "## By pipeline step (inclusive; steps nest and overlap)", "", "| step | share |", "|---|---:|"]
     lines += [f"| {name} | {share:.1%} |" for name, share in profile.steps()]
+    lines += ["", "## Main thread, by what the loop was running", "", "| task > step | share |", "|---|---:|"]
+    lines += [f"| `{name}` | {share:.1%} |" for name, share in profile.tasks()]
     lines += ["", "## By thread", "", "| thread | share |", "|---|---:|"]
     lines += [f"| {name} | {share:.1%} |" for name, share in profile.threads()]
     lines += ["", "## Busiest innermost frames", "", "| frame | share |", "|---|---:|"]
@@ -216,10 +243,12 @@ async def profile_one(cfg: BenchConfig, rabbit_url: str, key: str) -> Path:
         f"{drain_raw.cpu_us_per_msg:,.0f} µs CPU/msg (raw run); the sampler slows the worker",
         "samples": f"{sum(profile.stacks.values()):,} in {profile.idle_threads()} threads, "
         f"{sum(profile.busy().values()):,} busy (idle waits left out: pool threads blocked, loop in epoll)",
-        "event loop idle": f"{profile.loop_idle():.0%} of the main thread's samples wait in epoll",
+        "event loop idle": f"{profile.loop_idle():.0%} of the main thread's samples are in the loop itself "
+        "(asyncio: waiting in epoll; uvloop: in its C code, waiting or not)",
         "flame graph": svg.name,
     }
     md = out / f"profile-{broker}.md"
+    (out / f"profile-{broker}.json").write_text(json.dumps({"key": key, "facts": facts}, indent=2) + "\n")
     md.write_text(render(profile, f"Where the pipeline worker spends its time: {key}", facts))
     log(f"  wrote {svg.name}, {raw.name}, {md.name}")
     return md
@@ -229,6 +258,19 @@ async def run(cfg: BenchConfig) -> list[Path]:
     """Profile each target in BENCH_PROFILE_ONLY."""
     rabbit_url = await workload.ensure_vhost(cfg.rabbit_url)
     return [await profile_one(cfg, rabbit_url, key) for key in cfg.profile_targets]
+
+
+def rerender(out: Path) -> list[Path]:
+    """profile-*.md again from the recorded raw stacks and facts (after a change to the summary)."""
+    written = []
+    for facts_path in sorted(out.glob("profile-*.json")):
+        broker = facts_path.stem.removeprefix("profile-")
+        saved = json.loads(facts_path.read_text())
+        profile = Profile.parse((out / f"profile-{broker}.raw.txt").read_text().splitlines())
+        md = out / f"profile-{broker}.md"
+        md.write_text(render(profile, f"Where the pipeline worker spends its time: {saved['key']}", saved["facts"]))
+        written.append(md)
+    return written
 
 
 def main(cfg: BenchConfig) -> int:

@@ -187,6 +187,30 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
         "`machine busy`: share of both CPUs in use during the drain, by anyone (the contender, the broker, "
         "the database, the harness polling, and any other work on the machine).",
     ]
+    phase = [
+        (key, [s.details["latency"] for s in samples if s.contender == key and (s.details or {}).get("latency")])
+        for key in summary
+    ]
+    phase = [(k, rows) for k, rows in phase if rows and rows[0].get("worker_cpu_share") is not None]
+    if phase:
+        lines += [
+            "",
+            "Latency phase, the worker(s) at the fixed rate (medians): how busy, and the CPU per outcome when "
+            "batches are small.",
+            "",
+            "| contender | publish rate msg/s | achieved msg/s | worker CPU (share of one core) | CPU µs/msg |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, rows in phase:
+            label = CONTENDERS[key].label if key in CONTENDERS else key
+
+            def med(field: str, rows: list[dict[str, Any]] = rows) -> float:
+                return stats.median([float(r[field]) for r in rows if r.get(field) is not None])
+
+            lines.append(
+                f"| {label} | {_num(med('rate'))} | {_num(med('achieved_rate'))} "
+                f"| {med('worker_cpu_share'):.0%} | {_num(med('worker_cpu_us_per_msg'))} |"
+            )
     errors = [s for s in samples if s.error is not None]
     lines += [
         "",

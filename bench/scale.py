@@ -341,6 +341,9 @@ def render(workers: list[WorkerSample], stores: list[StoreResults], meta: dict[s
         f"Produced by `{meta['command']}` on {meta['date']}, {meta['cpus']} CPUs, loop `{meta['loop']}`.",
         "",
     ]
+    for part, key in (("worker figures", "workers_from"), ("store figures", "stores_from")):
+        if meta.get(key):
+            lines += [f"The {part} were kept from the run of {meta[key]} (that part was not run this time).", ""]
     if workers:
         lines += [
             "## Worker processes (RabbitMQ, PostgreSQL store)",
@@ -461,10 +464,43 @@ async def run(cfg: BenchConfig) -> tuple[list[WorkerSample], list[StoreResults],
     return workers, stores, meta
 
 
+def keep_previous(
+    path: Path, workers: list[WorkerSample], stores: list[StoreResults], meta: dict[str, Any]
+) -> tuple[list[WorkerSample], list[StoreResults], dict[str, Any]]:
+    """Parts not run this time (BENCH_SCALE_PARTS) keep their figures from the previous scale.json."""
+    if not path.exists() or (workers and stores):
+        return workers, stores, meta
+    old = json.loads(path.read_text())
+    kept = dict(meta)
+    if not workers and old.get("workers"):
+        workers = [WorkerSample(**w) for w in old["workers"]]
+        kept["workers_from"] = old["meta"].get("workers_from") or old["meta"].get("date")
+        for key in ("scale_n", "scale_workers", "max_drain_seconds"):
+            kept[key] = old["meta"].get(key, kept.get(key))
+    if not stores and old.get("stores"):
+        stores = [_store_from(s) for s in old["stores"]]
+        kept["stores_from"] = old["meta"].get("stores_from") or old["meta"].get("date")
+        for key in ("store_tables", "append_commits", "append_concurrency"):
+            kept[key] = old["meta"].get(key, kept.get(key))
+    return workers, stores, kept
+
+
+def _store_from(data: dict[str, Any]) -> StoreResults:
+    rebuild = data.get("rebuild")
+    return StoreResults(
+        backend=data["backend"],
+        preload_events=data["preload_events"],
+        preload_seconds=data["preload_seconds"],
+        appends=[AppendSample(**a) for a in data.get("appends", [])],
+        rebuild=RebuildSample(**rebuild) if rebuild else None,
+    )
+
+
 def main(cfg: BenchConfig) -> int:
     """Run and write bench/results/scale.md, scale.json (and scale.png)."""
     workers, stores, meta = loops.run(run(cfg), cfg.loop)
     cfg.results.mkdir(parents=True, exist_ok=True)
+    workers, stores, meta = keep_previous(cfg.results / "scale.json", workers, stores, meta)
     text_ = render(workers, stores, meta)
     (cfg.results / "scale.md").write_text(text_)
     payload = {

@@ -142,8 +142,11 @@ class EventStore:
 
     async def _seen_many(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
         async with self.engine.connect() as conn:
+            # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
             rows = await conn.execute(
-                select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_({m for _, m in keys}))
+                select(inbox.c.consumer, inbox.c.message_id).where(
+                    inbox.c.consumer.in_({c for c, _ in keys}), inbox.c.message_id.in_({m for _, m in keys})
+                )
             )
             found = {(r[0], r[1]) for r in rows}
         return [key in found for key in keys]
@@ -293,7 +296,9 @@ async def _already_in_inbox(conn: AsyncConnection, units: Sequence[Commit]) -> s
     if not keyed:
         return set()
     rows = await conn.execute(
-        select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_({m for _, m in keyed}))
+        select(inbox.c.consumer, inbox.c.message_id).where(
+            inbox.c.consumer.in_({c for c, _ in keyed}), inbox.c.message_id.in_({m for _, m in keyed})
+        )
     )
     return {(r[0], r[1]) for r in rows}
 
