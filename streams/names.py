@@ -37,6 +37,20 @@ H_ATTEMPTS: Final = "x-attempts"
 H_FIRST_FAILURE_AT: Final = "x-first-failure-at"
 H_LAST_FAILURE_AT: Final = "x-last-failure-at"
 
+# Every header a dead letter carries (DESIGN.md).
+DEAD_LETTER_HEADERS: Final = (
+    H_FAILURE_KIND,
+    H_EXCEPTION_TYPE,
+    H_EXCEPTION_MESSAGE,
+    H_EXCEPTION_STACKTRACE,
+    H_ORIGINAL_QUEUE,
+    H_ATTEMPTS,
+    H_FIRST_FAILURE_AT,
+    H_LAST_FAILURE_AT,
+    H_MESSAGE_ID,
+    H_CORRELATION_ID,
+)
+
 
 def dlq(name: str) -> str:
     """The dead-letter queue or stream of a queue or stream."""

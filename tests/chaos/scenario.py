@@ -34,18 +34,7 @@ from tests.connected.redisserver import RedisServer
 from tests.httpserver import RecordingServer, ScriptedResponse
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FAILURE_HEADERS = (
-    names.H_FAILURE_KIND,
-    names.H_EXCEPTION_TYPE,
-    names.H_EXCEPTION_MESSAGE,
-    names.H_EXCEPTION_STACKTRACE,
-    names.H_ORIGINAL_QUEUE,
-    names.H_ATTEMPTS,
-    names.H_FIRST_FAILURE_AT,
-    names.H_LAST_FAILURE_AT,
-    names.H_MESSAGE_ID,
-    names.H_CORRELATION_ID,
-)
+FAILURE_HEADERS = names.DEAD_LETTER_HEADERS
 NAMED_POINTS = ("after_handler", "after_commit", "before_publish")
 
 

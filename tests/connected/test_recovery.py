@@ -20,18 +20,7 @@ from tests.connected.harness import Bus, Workers, email
 from tests.connected.redisserver import RedisServer
 from tests.httpserver import RecordingServer, ScriptedResponse
 
-FAILURE_HEADERS = (
-    names.H_FAILURE_KIND,
-    names.H_EXCEPTION_TYPE,
-    names.H_EXCEPTION_MESSAGE,
-    names.H_EXCEPTION_STACKTRACE,
-    names.H_ORIGINAL_QUEUE,
-    names.H_ATTEMPTS,
-    names.H_FIRST_FAILURE_AT,
-    names.H_LAST_FAILURE_AT,
-    names.H_MESSAGE_ID,
-    names.H_CORRELATION_ID,
-)
+FAILURE_HEADERS = names.DEAD_LETTER_HEADERS
 
 
 async def test_503_twice_then_200_delivers_on_attempt_3_with_measured_backoff(

@@ -55,18 +55,7 @@ async def test_rabbit_garbage_lands_in_dlq_with_every_header(worker: Worker, rab
     dead = await rabbit_probe.take_dead_letter("email.dlq", mid)
     assert dead.body == raw
     headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in dead.headers.items()}
-    for key in (
-        names.H_FAILURE_KIND,
-        names.H_EXCEPTION_TYPE,
-        names.H_EXCEPTION_MESSAGE,
-        names.H_EXCEPTION_STACKTRACE,
-        names.H_ORIGINAL_QUEUE,
-        names.H_ATTEMPTS,
-        names.H_FIRST_FAILURE_AT,
-        names.H_LAST_FAILURE_AT,
-        names.H_MESSAGE_ID,
-        names.H_CORRELATION_ID,
-    ):
+    for key in names.DEAD_LETTER_HEADERS:
         assert headers.get(key), key
     assert headers[names.H_FAILURE_KIND] == "invalid"
     assert headers[names.H_ORIGINAL_QUEUE] == "email"
