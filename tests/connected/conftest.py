@@ -154,7 +154,8 @@ class RabbitProbe:
         conn = await aio_pika.connect_robust(RABBIT_URL)
         channel = await conn.channel()
         probe = cls(conn, channel)
-        exchange = await channel.get_exchange("events", ensure=True)
+        # Declared as the worker declares it, so a probe on a fresh broker does not depend on test order.
+        exchange = await channel.declare_exchange("events", aio_pika.ExchangeType.TOPIC, durable=True)
         probe.events = await channel.declare_queue("", exclusive=True, auto_delete=True)
         await probe.events.bind(exchange, routing_key="#")
         return probe
@@ -305,6 +306,40 @@ async def workers(services: None, scratch_dir: Path, mail_server: Any) -> AsyncI
     """Worker processes with the HTTP mailer, sharing one SQLite store; all stopped afterwards."""
     from tests.connected.harness import Workers
 
+    await clean_slate()
     pool = Workers(scratch_dir, mail_server.url_for("/send"))
     yield pool
     pool.stop_all()
+
+
+async def clean_slate() -> None:
+    """Empty the shared command queues, delay levels and streams, so no earlier test's leftovers
+    (a retry coming due, a killed worker's pending entry) reach this test's fresh store."""
+    from streams import names, scheduler, topology
+
+    conn = await aio_pika.connect(RABBIT_URL)
+    try:
+        channel = await conn.channel()
+        queues = [
+            names.EMAIL_QUEUE,
+            names.COMPLETION_QUEUE,
+            *(topology.delay_queue(k).name for k in range(topology.DELAY_LEVELS)),
+        ]
+        for name in queues:
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                channel = await conn.channel()  # not declared yet: nothing to purge
+                continue
+            await queue.purge()
+    finally:
+        await conn.close()
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        for stream in (names.EMAIL_STREAM, names.COMPLETION_STREAM):
+            retries = await client.zrange(scheduler.schedule_key(stream), 0, -1)
+            await client.delete(
+                stream, scheduler.schedule_key(stream), *(scheduler.entry_key(stream, str(r)) for r in retries)
+            )
+    finally:
+        await client.aclose()

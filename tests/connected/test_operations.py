@@ -48,7 +48,6 @@ async def test_open_breaker_stops_consumption_without_spending_attempts(
     bus: Bus, workers: Workers, mail_server: RecordingServer
 ) -> None:
     """Mailer down: the breaker opens, the queue grows, no attempt is spent; after recovery it all drains."""
-    mail_server.default = ScriptedResponse(503, {"error": "down"})
     worker = await workers.start(
         PIPELINE_BREAKER_THRESHOLD="3",
         PIPELINE_BREAKER_RECOVERY_SECONDS="12",
@@ -57,6 +56,7 @@ async def test_open_breaker_stops_consumption_without_spending_attempts(
         PIPELINE_REDIS_READ_COUNT="2",
         PIPELINE_RETRY_BASE_DELAY="2",
     )
+    mail_server.default = ScriptedResponse(503, {"error": "down"})  # after ready: an open breaker is not ready
     first = [await bus.send("email", email()) for _ in range(3)]
 
     async def opened() -> bool:
