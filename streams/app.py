@@ -34,6 +34,7 @@ from streams.routes import register
 from streams.scheduler import Mover
 from streams.settings import get_settings, mask_url
 from streams.store import EventStore
+from streams.suspects import CrashLedger
 
 settings = get_settings()
 configure_logging(settings.log_level, settings.log_format)
@@ -46,8 +47,8 @@ store = EventStore(
     max_batch=settings.store_batch_max,
     max_wait=settings.store_batch_wait_ms / 1000,
 )
-pipeline = Pipeline(settings, store)
 redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
+pipeline = Pipeline(settings, store, crashes=CrashLedger(redis_client))
 
 rabbit = RabbitBroker(
     settings.rabbit_url,

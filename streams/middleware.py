@@ -72,13 +72,17 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
                 unbind_message()
 
         async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> Any:
-            if not await pipeline.admit(delivery):
-                return None
-            _CURRENT.set(delivery)  # this task's own context: set, never reset, gone with the task
-            try:
-                return await call_next(msg)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                await pipeline.fail(delivery, exc)
-                return None
+            # A redelivered message runs alone: if it kills the worker, nothing else is charged.
+            isolation = pipeline.isolation
+            suspect = delivery.envelope.redeliveries > 0
+            async with isolation.exclusive() if suspect else isolation.shared():
+                if not await pipeline.admit(delivery):
+                    return None
+                _CURRENT.set(delivery)  # this task's own context: set, never reset, gone with the task
+                try:
+                    return await call_next(msg)
+                except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+                    await pipeline.fail(delivery, exc)
+                    return None
 
     return PipelineMiddleware

@@ -76,7 +76,8 @@ class RabbitOutlet:
             body=body,
             headers=headers,
             attempt=parse_attempt(headers.get(names.H_ATTEMPTS)),
-            redeliveries=parse_count(headers.get("x-delivery-count")),
+            # Quorum queues count returns in `x-delivery-count`; the flag covers a requeue it skips.
+            redeliveries=max(parse_count(headers.get("x-delivery-count")), int(bool(raw.redelivered))),
             published_at=raw.timestamp.timestamp() if raw.timestamp else None,
         )
 

@@ -22,6 +22,7 @@ from streams.outlets import Outlet
 from streams.relay import Relay
 from streams.settings import Settings
 from streams.store import Commit, EventStore, Outcome
+from streams.suspects import CrashLedger, Isolation
 
 log = get_logger("pipeline")
 
@@ -59,8 +60,18 @@ class Delivery:
 class Pipeline:
     """Records outcome events, publishes them, and delays or parks what failed."""
 
-    def __init__(self, settings: Settings, store: EventStore, alerter: Alerter | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: EventStore,
+        alerter: Alerter | None = None,
+        crashes: CrashLedger | None = None,
+    ) -> None:
         self.settings = settings
+        # Redelivered messages run alone and have their starts counted (streams.suspects); without
+        # a ledger, the broker's delivery count decides what is poison.
+        self.crashes = crashes
+        self.isolation = Isolation()
         self.store = store
         self.alerter = alerter or Alerter(str(settings.alert_url) if settings.alert_url else None)
         self.outlets: dict[Transport, Outlet] = {}
@@ -94,14 +105,19 @@ class Pipeline:
                 delivery, InvalidMessageError(f"body of {size} bytes exceeds {self.settings.max_body_bytes}")
             )
             return False
-        if env.redeliveries >= self.settings.delivery_limit:
+        if env.redeliveries > 0:
+            # A suspect: its worker may have died handling it. Its starts are counted, and it is
+            # poison once it has been started `delivery_limit` times without an outcome.
+            crashes = await self.crashes.started(env) if self.crashes is not None else env.redeliveries
+            if crashes < self.settings.delivery_limit:
+                return True
             flow = self.flow_of_source.get(env.source)
             if flow is not None and await self.store.seen(flow, env.message_id):
                 # Its outcome was committed before the crashes: it is done, not poison.
                 metrics.DUPLICATES.labels(env.transport, env.source).inc()
                 return False
             exc = PoisonMessageError(
-                f"delivered {env.redeliveries + 1} times without an outcome (limit {self.settings.delivery_limit})"
+                f"its worker died {crashes} times while handling it (limit {self.settings.delivery_limit})"
             )
             await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
             return False

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # Per-flow overrides, e.g. PIPELINE_RETRY_OVERRIDES='{"completion": {"max_attempts": 3}}'
     retry_overrides: dict[str, RetryOverride] = Field(default_factory=dict)
 
-    # A message delivered this many more times without an outcome (its worker died) is poison.
+    # A message whose worker died this many times while handling it is poison (streams.suspects).
     delivery_limit: int = Field(5, ge=1, le=19)
     consumer_name: str | None = None
     redis_claim_idle_ms: int = Field(60_000, ge=100)

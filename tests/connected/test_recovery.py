@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from streams import names
 from tests.connected.conftest import RedisProbe, wait_until
@@ -160,6 +161,44 @@ async def test_message_that_kills_its_worker_every_time_ends_as_poison(bus: Bus,
     assert dead_body == body
     assert deaths >= 2, "it was redelivered after each crash before being parked"
     await bus.event(names.MESSAGE_DEAD_LETTERED, mid)
+
+
+async def test_neighbours_of_a_poison_message_are_handled_not_parked(bus: Bus, workers: Workers) -> None:
+    """Twenty messages that shared a window with a worker-killing one are redelivered with it, and handled."""
+    marker = f"crash-{uuid.uuid4().hex[:8]}"
+    crashy = {
+        "PIPELINE_FAULT_CRASH_MARKER": marker,
+        "PIPELINE_DELIVERY_LIMIT": "2",
+        "PIPELINE_RABBIT_PREFETCH": "32",
+        "PIPELINE_REDIS_READ_COUNT": "32",
+        "PIPELINE_REDIS_CLAIM_IDLE_MS": "1000",
+    }
+    poison = await bus.send("email", email(marker))
+    innocent = [await bus.send("email", email()) for _ in range(20)]
+    deaths = 0
+
+    async def all_done() -> bool:
+        nonlocal deaths
+        if not [w for w in workers.started if w.proc.poll() is None]:
+            if deaths > 6:
+                raise AssertionError("still crashing after 6 restarts")
+            deaths += 1
+            await workers.start(ready=False, **crashy)
+        try:
+            parked = await workers.rows("SELECT message_id, kind FROM dead_letters")
+            sent = await workers.rows("SELECT count(*) FROM inbox WHERE consumer = 'email'")
+        except OperationalError:  # the first worker has not created the store yet
+            return False
+        return bool(parked) and sent[0][0] == len(innocent)
+
+    await workers.start(ready=False, **crashy)
+    await wait_until(all_done, 120, interval=0.3)
+    assert deaths >= 1, "the poison message killed its worker"
+    assert await workers.rows("SELECT message_id, kind FROM dead_letters") == [(poison, "poison")]
+    for mid in innocent:
+        await bus.event(names.EMAIL_SENT, mid)
+    headers, _ = await bus.dead_letter("email", poison)
+    assert headers[names.H_FAILURE_KIND] == "poison"
 
 
 async def test_redis_pending_entries_of_a_dead_consumer_are_reclaimed(

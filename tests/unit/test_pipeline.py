@@ -43,6 +43,17 @@ class FakeMailer:
         return f"prov-{len(self.sent)}"
 
 
+class CountingLedger:
+    """The crash ledger in memory: starts per message id, preset by a test."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, int] = {}
+
+    async def started(self, env: Envelope) -> int:
+        self.starts[env.message_id] = self.starts.get(env.message_id, 0) + 1
+        return self.starts[env.message_id]
+
+
 @dataclass
 class Harness:
     """The app's brokers under TestBroker, with recording fakes around them."""
@@ -106,6 +117,7 @@ async def harness(app_store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Asy
     install(Adapters(mailer=mailer, model=EchoModel()))
     fake_redis = RecordingRedis()
     monkeypatch.setattr(module.redis_outlet, "client", fake_redis)
+    monkeypatch.setattr(module.pipeline, "crashes", CountingLedger())
     h = Harness(module=module, mailer=mailer, store=app_store, redis_client=fake_redis)
     for outlet in (module.rabbit_outlet, module.redis_outlet):
         original = outlet.dead_letter
@@ -358,10 +370,39 @@ async def test_redis_retry_is_scheduled_and_acknowledged_in_one_transaction(harn
 
 
 async def test_poison_redelivery_is_dead_lettered_before_handling(harness: Harness) -> None:
-    """A RabbitMQ message redelivered `delivery_limit` times without outcome is parked as `poison`, unhandled."""
+    """A redelivered message whose worker died `delivery_limit` times handling it is parked as `poison`, unhandled."""
     limit = harness.module.settings.delivery_limit
-    mid = await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, headers={"x-delivery-count": limit})
+    mid = str(uuid.uuid4())
+    harness.module.pipeline.crashes.starts[mid] = limit - 1  # this start is the limit-th
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, message_id=mid, headers={"x-delivery-count": 1})
+    [(_, headers)] = harness.dead_letters
+    assert headers[names.H_FAILURE_KIND] == "poison"
+    assert f"died {limit} times" in headers[names.H_EXCEPTION_MESSAGE]
+    assert harness.mailer.sent == []
+    assert [e["message_id"] for e in harness.events("rabbit", names.MESSAGE_DEAD_LETTERED)] == [mid]
+
+
+async def test_redelivered_neighbour_of_a_crash_is_handled_not_parked(harness: Harness) -> None:
+    """A message the broker charged with many deliveries but that never crashed its worker is handled once."""
+    mid = str(uuid.uuid4())
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, message_id=mid, headers={"x-delivery-count": 15})
+    assert harness.dead_letters == []
+    assert len(harness.mailer.sent) == 1
+    assert harness.module.pipeline.crashes.starts == {mid: 1}, "its start was counted, as a suspect's"
+
+
+async def test_first_delivery_is_not_counted(harness: Harness) -> None:
+    """Only redeliveries are suspects: a first delivery costs no ledger write."""
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
+    assert len(harness.mailer.sent) == 1
+    assert harness.module.pipeline.crashes.starts == {}
+
+
+async def test_without_a_ledger_the_broker_count_decides(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No crash ledger (Redis unreachable): `x-delivery-count` at the limit makes the message poison."""
+    monkeypatch.setattr(harness.module.pipeline, "crashes", None)
+    limit = harness.module.settings.delivery_limit
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, headers={"x-delivery-count": limit})
     [(_, headers)] = harness.dead_letters
     assert headers[names.H_FAILURE_KIND] == "poison"
     assert harness.mailer.sent == []
-    assert [e["message_id"] for e in harness.events("rabbit", names.MESSAGE_DEAD_LETTERED)] == [mid]
