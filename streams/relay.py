@@ -3,8 +3,9 @@
 The relay is the only publisher of outcome events. A commit kicks it; it also wakes every
 `interval` to pick up what a broker outage held back, and rows other workers left behind when
 they died (after `orphaned_after`). While a broker is down the rows wait in the database; once it
-is back they go out oldest first. A crash between publishing and marking republishes those
-events once: consumers dedupe on `event_id`.
+is back they go out oldest first. Rows of a dead worker are taken over by one relay, atomically
+(`EventStore.claim_orphans`), so they are not published by every relay that sees them. A crash
+between publishing and marking republishes those events once: consumers dedupe on `event_id`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -52,6 +54,7 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one batch at a time: two would read and publish the same rows
         self.published = 0
+        self._claimed_at = float("-inf")
 
     def kick(self) -> None:
         """Something was committed: publish soon."""
@@ -80,16 +83,21 @@ class Relay:
 
     async def flush(self) -> None:
         """Relay until nothing of ours is pending."""
-        while await self.relay_once() == self.batch:
+        while await self.relay_once(claim=False) == self.batch:
             pass
 
-    async def relay_once(self) -> int:
-        """Publish one batch in order; returns how many rows were published."""
+    async def relay_once(self, *, claim: bool = True) -> int:
+        """Publish one batch in order (first taking over orphaned rows, with `claim`); returns how many."""
         async with self._lock:
+            if claim:
+                self._claimed_at = time.monotonic()
+                taken = await self.store.claim_orphans(orphaned_after=self.orphaned_after)
+                if taken:
+                    log.info("took over outbox rows of a worker that is gone", rows=taken)
             return await self._relay_batch()
 
     async def _relay_batch(self) -> int:
-        pending = await self.store.unpublished(limit=self.batch, orphaned_after=self.orphaned_after)
+        pending = await self.store.unpublished(limit=self.batch)
         if not pending:
             return 0
         done: list[int] = []
@@ -116,8 +124,10 @@ class Relay:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             try:
-                while await self.relay_once() == self.batch:
-                    pass
+                # A kick (a commit) publishes our rows; orphans are looked for once per interval.
+                claim = time.monotonic() - self._claimed_at >= self.interval
+                while await self.relay_once(claim=claim) == self.batch:
+                    claim = False
             except Exception as exc:  # noqa: BLE001 - a broker or database outage: wait and try again
                 log.warning("outbox relay cannot publish yet; events wait in the outbox", error=repr(exc))
                 await asyncio.sleep(self.interval)

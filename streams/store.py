@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import event, func, insert, or_, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -218,12 +218,30 @@ class EventStore:
 
     # -- the outbox ------------------------------------------------------------------------
 
-    async def unpublished(self, *, limit: int = 500, orphaned_after: float = 30.0) -> list[PendingEvent]:
-        """Outbox rows to publish, oldest first: this worker's own, and others' left too long."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=orphaned_after)
+    async def claim_orphans(self, *, orphaned_after: float = 30.0) -> int:
+        """Take over other workers' rows left unpublished longer than `orphaned_after`; returns how many.
+
+        The rows become this worker's and young again, so exactly one relay takes each over (the
+        UPDATE is atomic), and no other relay takes them from it while it publishes them.
+        """
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(outbox)
+                .where(
+                    outbox.c.published_at.is_(None),
+                    outbox.c.owner != self.owner,
+                    outbox.c.created_at < now - timedelta(seconds=orphaned_after),
+                )
+                .values(owner=self.owner, created_at=now)
+            )
+        return int(result.rowcount or 0)
+
+    async def unpublished(self, *, limit: int = 500) -> list[PendingEvent]:
+        """This worker's outbox rows to publish (its own and those it took over), oldest first."""
         query = (
             select(outbox)
-            .where(outbox.c.published_at.is_(None), or_(outbox.c.owner == self.owner, outbox.c.created_at < cutoff))
+            .where(outbox.c.published_at.is_(None), outbox.c.owner == self.owner)
             .order_by(outbox.c.id)
             .limit(limit)
         )

@@ -318,26 +318,31 @@ async def test_outbox_backlog_counts_and_ages(store: EventStore) -> None:
     assert await store.outbox_backlog() == (0, 0.0)
 
 
-async def test_other_owners_rows_are_returned_only_once_orphaned(store: EventStore) -> None:
-    """Another worker's outbox rows are left to it until older than `orphaned_after`; own rows at once."""
+async def test_orphaned_rows_are_taken_over_by_exactly_one_owner(store: EventStore) -> None:
+    """Another worker's rows are left to it until older than `orphaned_after`; then one worker takes them over."""
     other = EventStore(store.url, owner="worker-b")
+    third = EventStore(store.url, owner="worker-c")
     await other.start(create=False)
+    await third.start(create=False)
     try:
         await store.commit(sent())
-        assert await other.unpublished(orphaned_after=30) == []
-        assert len(await store.unpublished(orphaned_after=30)) == 1
+        assert await other.claim_orphans(orphaned_after=30) == 0
+        assert await other.unpublished() == []
+        assert len(await store.unpublished()) == 1
 
         await backdate_outbox(store, 60)
-        theirs = await other.unpublished(orphaned_after=30)
+        assert await other.claim_orphans(orphaned_after=30) == 1
+        assert await third.claim_orphans(orphaned_after=30) == 0, "taken over once, and young again"
+        theirs = await other.unpublished()
         assert len(theirs) == 1
-        assert await other.unpublished(orphaned_after=3600) == []
+        assert await store.unpublished() == [], "the first owner no longer publishes it"
 
         await other.commit(sent())
-        own = await other.unpublished(orphaned_after=3600)
-        assert len(own) == 1
-        assert [p.id for p in await other.unpublished(orphaned_after=30)] == [theirs[0].id, own[0].id]
+        own = [p for p in await other.unpublished() if p.id != theirs[0].id]
+        assert [p.id for p in await other.unpublished()] == [theirs[0].id, own[0].id]
     finally:
         await other.close()
+        await third.close()
 
 
 # -- projections ----------------------------------------------------------------------------
