@@ -108,6 +108,7 @@ class RecordingServer:
         self._script: deque[ScriptedResponse] = deque()
         self._keyed: dict[str, deque[ScriptedResponse]] = {}
         self._requests: list[RecordedRequest] = []
+        self._statuses: list[int] = []  # the status each request was answered with, in order
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -188,6 +189,11 @@ class RecordingServer:
         with self._changed:
             return list(self._requests)
 
+    def answered(self) -> list[tuple[RecordedRequest, int]]:
+        """Each request with the status it was answered with (a dropped answer still counts)."""
+        with self._changed:
+            return list(zip(self._requests, self._statuses, strict=True))
+
     @property
     def pending(self) -> int:
         """How many scripted answers are still unused."""
@@ -210,6 +216,7 @@ class RecordingServer:
                 response = keyed.popleft() if len(keyed) > 1 else keyed[0]
             else:
                 response = self._script.popleft() if self._script else self.default
+            self._statuses.append(response.status)
             self._changed.notify_all()
             return response
 

@@ -61,7 +61,7 @@ class ChaosConfig:
     outage_seconds: float = 10.0
     window: float = 10.0  # seconds of the sliding window for throughput
     recovery_limit: float = 60.0
-    delivery_limit: int = 5
+    delivery_limit: int = 2  # a poison message costs two worker deaths (streams.suspects)
     prefetch: int = 64
     redis_read_count: int = 64
     redis_max_workers: int = 16
@@ -524,15 +524,28 @@ class ChaosRun:
             expected = names.MESSAGE_DEAD_LETTERED if cmd.kind == "poison" else SUCCESS[cmd.flow]
             if types != [expected]:
                 wrong_outcome[mid] = {"kind": cmd.kind, "outcomes": types}
-        dup_effects: dict[str, int] = {}
-        repeated_after_crash: dict[str, int] = {}
-        requests_by_key = Counter(r.headers.get("idempotency-key", "") for r in mail.requests)
-        for mid, cmd in commands.items():
-            if cmd.flow != "email" or [s.type for s in observer.terminal(mid)] != [names.EMAIL_SENT]:
+        # The provider honours `Idempotency-Key` as real ones do: a repeated call under a key it
+        # already answered 2xx sends nothing. An e-mail sent twice is a second key (or a call
+        # without one) answered 2xx for the same command; its recipient names the command.
+        recipient_of = {json.loads(c.body)["to"]: m for m, c in commands.items() if c.flow == "email"}
+        keys_sent: dict[str, set[str]] = {}
+        repeated_calls: Counter[str] = Counter()
+        wrong_keys: dict[str, list[str]] = {}
+        for number, (request, status) in enumerate(mail.answered()):
+            if not 200 <= status < 300:
                 continue
-            ok_calls = requests_by_key[mid]
-            if ok_calls > 1:
-                (repeated_after_crash if cmd.kind == "named:after_handler" else dup_effects)[mid] = ok_calls
+            mid = recipient_of.get(request.json.get("to", ""), "unknown")
+            key = request.headers.get("idempotency-key") or f"no-key-{number}"
+            sent = keys_sent.setdefault(mid, set())
+            if key in sent:
+                repeated_calls[mid] += 1
+            sent.add(key)
+            if key != mid:
+                wrong_keys.setdefault(mid, []).append(key)
+        dup_effects = {m: len(k) for m, k in keys_sent.items() if len(k) > 1}
+        repeated_after_crash = {
+            m: c for m, c in repeated_calls.items() if commands.get(m) and commands[m].kind == "named:after_handler"
+        }
         bad_letters = []
         for letter in letters:
             mid = str(letter["mid"])
@@ -565,6 +578,9 @@ class ChaosRun:
             "not_exactly_one_outcome": multi,
             "wrong_outcome": wrong_outcome,
             "duplicate_side_effects": dup_effects,
+            "idempotency_key_not_message_id": wrong_keys,
+            "calls_repeated_under_one_key": sum(repeated_calls.values()),
+            "commands_with_repeated_calls": len(repeated_calls),
             "repeated_under_idempotency_key_after_after_handler_crash": repeated_after_crash,
             "dead_letters_broker": len(letters),
             "dead_letters_table": len(rows),
