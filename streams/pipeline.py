@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 
 from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
 from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered, RetryScheduled
-from streams import faults, metrics, names
+from streams import faults, metrics, names, topology
 from streams.alerts import Alerter
 from streams.breaker import Breaker
 from streams.envelope import Envelope, Transport
@@ -106,10 +106,9 @@ class Pipeline:
             )
             return False
         if env.redeliveries > 0:
-            # A suspect: its worker may have died handling it. Its starts are counted, and it is
-            # poison once it has been started `delivery_limit` times without an outcome.
-            crashes = await self.crashes.started(env) if self.crashes is not None else env.redeliveries
-            if crashes < self.settings.delivery_limit:
+            # A suspect: its worker may have died handling it (streams.suspects).
+            crashes = await self.crashes.crashes(env) if self.crashes is not None else env.redeliveries
+            if crashes < self.settings.delivery_limit and env.redeliveries < topology.BROKER_DELIVERY_LIMIT - 1:
                 return True
             flow = self.flow_of_source.get(env.source)
             if flow is not None and await self.store.seen(flow, env.message_id):
@@ -117,7 +116,8 @@ class Pipeline:
                 metrics.DUPLICATES.labels(env.transport, env.source).inc()
                 return False
             exc = PoisonMessageError(
-                f"its worker died {crashes} times while handling it (limit {self.settings.delivery_limit})"
+                f"its worker died {crashes} times while handling it, delivered {env.redeliveries + 1} times "
+                f"(limit {self.settings.delivery_limit})"
             )
             await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
             return False
@@ -154,6 +154,10 @@ class Pipeline:
         """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""
         breaker = self.breaker(dependency)
         await breaker.acquire()
+        # A suspect's run is counted from here: a crash while it waited above is not its doing.
+        ledger = self.crashes if env.redeliveries > 0 else None
+        if ledger is not None:
+            await ledger.handler_started(env)
         faults.crash_at("before_handler", env.body)
         try:
             outcome = await handle()
@@ -163,6 +167,9 @@ class Pipeline:
         except BaseException:
             await breaker.release()
             raise
+        finally:
+            if ledger is not None:
+                await ledger.handler_returned(env)
         await breaker.success()
         return outcome
 

@@ -6,14 +6,16 @@ those deliveries (RabbitMQ `x-delivery-count`, the Redis delivery count) parks i
 messages as poison whenever a real poison message sits in the same window.
 
 So a redelivered message is a *suspect*: it runs alone in its worker (`Isolation.exclusive`,
-while first deliveries run side by side under `Isolation.shared`), and its start is counted in
-Redis (`CrashLedger.started`), keyed by the message, its attempt and the replay it belongs to.
-A suspect that starts again and again without an outcome is killing its worker by itself; once
-the count reaches `delivery_limit` it is dead-lettered as `poison` before its handler runs. A
-suspect that ends (handled, retried or dead-lettered) is never charged again: its next
-delivery is a new attempt, or it is found in the inbox.
+while first deliveries run side by side under `Isolation.shared`), and its handler's runs are
+counted in Redis (`CrashLedger`), keyed by the message, its attempt and the replay it belongs
+to: one up just before the handler starts, one down when it returns or raises. What is left on
+the counter is how many times the worker died inside this message's own handler; a crash while
+it waited for the breaker, or in the relay after it, is not charged to it. Once the count
+reaches `delivery_limit`, the next delivery is dead-lettered as `poison` before it is handled.
 
-If Redis cannot be reached, the broker's own count decides, as before (safe, less precise).
+If Redis cannot be reached, the broker's own count decides, as before (safe, less precise); the
+broker's backstop (`topology.BROKER_DELIVERY_LIMIT`) also parks a message that keeps dying
+before its handler starts (while being decoded).
 """
 
 from __future__ import annotations
@@ -42,26 +44,37 @@ def ledger_key(env: Envelope) -> str:
 
 
 class CrashLedger:
-    """Counts the starts of redelivered messages, across workers, in Redis."""
+    """Counts, across workers, the runs of a redelivered message's handler that never returned."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
 
-    async def started(self, env: Envelope) -> int:
-        """Count one more start of this suspect; returns how many there have been, this one included.
+    async def crashes(self, env: Envelope) -> int:
+        """How many times a worker died inside this message's handler (the broker's count without Redis)."""
+        try:
+            raw = await self.client.get(ledger_key(env))
+        except (RedisError, OSError) as exc:
+            log.warning("crash ledger unavailable; the broker's delivery count decides", error=repr(exc))
+            return env.redeliveries
+        return int(raw or 0)
 
-        Falls back to the broker's count (deliveries before this one) when Redis does not answer.
-        """
+    async def handler_started(self, env: Envelope) -> None:
+        """Count a run of this message's handler as a crash until `handler_returned` says otherwise."""
         key = ledger_key(env)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.incr(key)
                 pipe.expire(key, TTL_SECONDS)
-                count, _ = await pipe.execute()
-            return int(count)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("crash ledger unavailable; the broker's delivery count decides", error=repr(exc))
-            return env.redeliveries
+            log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
+
+    async def handler_returned(self, env: Envelope) -> None:
+        """The handler returned or raised: this run was no crash."""
+        try:
+            await self.client.decr(ledger_key(env))
+        except (RedisError, OSError) as exc:
+            log.warning("crash ledger unavailable; this run stays counted", error=repr(exc))
 
 
 class Isolation:

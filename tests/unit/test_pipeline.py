@@ -44,14 +44,21 @@ class FakeMailer:
 
 
 class CountingLedger:
-    """The crash ledger in memory: starts per message id, preset by a test."""
+    """The crash ledger in memory: handler runs that never returned, per message id."""
 
     def __init__(self) -> None:
-        self.starts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.runs: list[str] = []
 
-    async def started(self, env: Envelope) -> int:
-        self.starts[env.message_id] = self.starts.get(env.message_id, 0) + 1
-        return self.starts[env.message_id]
+    async def crashes(self, env: Envelope) -> int:
+        return self.counts.get(env.message_id, 0)
+
+    async def handler_started(self, env: Envelope) -> None:
+        self.runs.append(env.message_id)
+        self.counts[env.message_id] = self.counts.get(env.message_id, 0) + 1
+
+    async def handler_returned(self, env: Envelope) -> None:
+        self.counts[env.message_id] -= 1
 
 
 @dataclass
@@ -373,11 +380,11 @@ async def test_poison_redelivery_is_dead_lettered_before_handling(harness: Harne
     """A redelivered message whose worker died `delivery_limit` times handling it is parked as `poison`, unhandled."""
     limit = harness.module.settings.delivery_limit
     mid = str(uuid.uuid4())
-    harness.module.pipeline.crashes.starts[mid] = limit - 1  # this start is the limit-th
+    harness.module.pipeline.crashes.counts[mid] = limit  # its handler died `limit` times
     await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, message_id=mid, headers={"x-delivery-count": 1})
     [(_, headers)] = harness.dead_letters
     assert headers[names.H_FAILURE_KIND] == "poison"
-    assert f"died {limit} times" in headers[names.H_EXCEPTION_MESSAGE]
+    assert f"died {limit} times while handling it" in headers[names.H_EXCEPTION_MESSAGE]
     assert harness.mailer.sent == []
     assert [e["message_id"] for e in harness.events("rabbit", names.MESSAGE_DEAD_LETTERED)] == [mid]
 
@@ -388,14 +395,16 @@ async def test_redelivered_neighbour_of_a_crash_is_handled_not_parked(harness: H
     await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, message_id=mid, headers={"x-delivery-count": 15})
     assert harness.dead_letters == []
     assert len(harness.mailer.sent) == 1
-    assert harness.module.pipeline.crashes.starts == {mid: 1}, "its start was counted, as a suspect's"
+    ledger = harness.module.pipeline.crashes
+    assert ledger.runs == [mid], "its run was counted, as a suspect's"
+    assert ledger.counts == {mid: 0}, "and uncounted when the handler returned"
 
 
 async def test_first_delivery_is_not_counted(harness: Harness) -> None:
     """Only redeliveries are suspects: a first delivery costs no ledger write."""
     await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
     assert len(harness.mailer.sent) == 1
-    assert harness.module.pipeline.crashes.starts == {}
+    assert harness.module.pipeline.crashes.runs == []
 
 
 async def test_without_a_ledger_the_broker_count_decides(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
