@@ -13,9 +13,9 @@ the counter is how many times the worker died inside this message's own handler;
 it waited for the breaker, or in the relay after it, is not charged to it. Once the count
 reaches `delivery_limit`, the next delivery is dead-lettered as `poison` before it is handled.
 
-If Redis cannot be reached, the broker's own count decides, as before (safe, less precise); the
-broker's backstop (`topology.BROKER_DELIVERY_LIMIT`) also parks a message that keeps dying
-before its handler starts (while being decoded).
+While Redis cannot be reached nothing is called poison by the ledger; the broker's backstop
+(`topology.BROKER_DELIVERY_LIMIT` deliveries) still parks a message that keeps killing its
+worker, as it does one that dies before its handler starts (while being decoded).
 """
 
 from __future__ import annotations
@@ -50,12 +50,16 @@ class CrashLedger:
         self.client = client
 
     async def crashes(self, env: Envelope) -> int:
-        """How many times a worker died inside this message's handler (the broker's count without Redis)."""
+        """How many times a worker died inside this message's handler; 0 while Redis does not answer.
+
+        Without the ledger a suspect is not called poison: the broker's count charges innocent
+        neighbours too, so only the broker's backstop (`topology.BROKER_DELIVERY_LIMIT`) caps it.
+        """
         try:
             raw = await self.client.get(ledger_key(env))
         except (RedisError, OSError) as exc:
-            log.warning("crash ledger unavailable; the broker's delivery count decides", error=repr(exc))
-            return env.redeliveries
+            log.warning("crash ledger unavailable; only the broker's backstop caps this message", error=repr(exc))
+            return 0
         return int(raw or 0)
 
     async def handler_started(self, env: Envelope) -> None:

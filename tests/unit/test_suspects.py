@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any, cast
+
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.envelope import Envelope
-from streams.suspects import Isolation, ledger_key
+from streams.suspects import CrashLedger, Isolation, ledger_key
 
 
 async def test_suspect_waits_for_running_messages_and_runs_alone() -> None:
@@ -86,3 +89,25 @@ def test_ledger_key_is_per_message_attempt_and_replay() -> None:
     keys = {ledger_key(env), ledger_key(again), ledger_key(replay)}
     assert len(keys) == 3
     assert ledger_key(env) == "pipeline:starts:rabbit:email:m1:1:"
+
+
+class DownRedis:
+    """A Redis client whose server is gone."""
+
+    async def get(self, key: str) -> bytes:
+        raise RedisConnectionError("Connection refused")
+
+    async def decr(self, key: str) -> int:
+        raise RedisConnectionError("Connection refused")
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        raise RedisConnectionError("Connection refused")
+
+
+async def test_an_unreachable_ledger_calls_nothing_poison_and_does_not_fail_the_message() -> None:
+    """Redis down: the broker's count (which charges innocent neighbours) is not used; nothing raises."""
+    ledger = CrashLedger(cast(Any, DownRedis()))
+    env = Envelope(transport="rabbit", source="email", message_id="m1", correlation_id="c1", body=b"{}", redeliveries=7)
+    assert await ledger.crashes(env) == 0
+    await ledger.handler_started(env)
+    await ledger.handler_returned(env)
