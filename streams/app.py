@@ -106,6 +106,7 @@ async def on_startup() -> None:
             keep_group_alive(sub)
     await rabbit.connect()
     await topology.declare_rabbit(rabbit)
+    rabbit_outlet.use_exchange(await rabbit.declare_exchange(topology.EVENTS))
     await topology.declare_redis(redis_client)
     mover.start()
     pipeline.relay.start()
