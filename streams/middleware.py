@@ -12,7 +12,7 @@ from faststream.message import StreamMessage
 
 from streams.logging import bind_message, get_logger, unbind_message
 from streams.outlets import Outlet
-from streams.pipeline import Delivery, Pipeline
+from streams.pipeline import Admission, Delivery, Pipeline
 
 log = get_logger("pipeline.middleware")
 
@@ -72,12 +72,12 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
                 unbind_message()
 
         async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> Any:
-            # A redelivered message runs alone: if it kills the worker, nothing else is charged.
+            admission = await pipeline.admit(delivery)
+            if admission is Admission.REFUSED:
+                return None
+            # A suspect runs alone: if it kills the worker again, nothing else is charged.
             isolation = pipeline.isolation
-            suspect = delivery.envelope.redeliveries > 0
-            async with isolation.exclusive() if suspect else isolation.shared():
-                if not await pipeline.admit(delivery):
-                    return None
+            async with isolation.exclusive() if admission is Admission.ALONE else isolation.shared():
                 _CURRENT.set(delivery)  # this task's own context: set, never reset, gone with the task
                 try:
                     return await call_next(msg)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Generic, TypeVar
 
 from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
@@ -27,6 +28,14 @@ from streams.suspects import CrashLedger, Isolation
 log = get_logger("pipeline")
 
 C = TypeVar("C", bound=Command)
+
+
+class Admission(Enum):
+    """What `Pipeline.admit` decided for a delivery."""
+
+    REFUSED = "refused"  # parked (oversize, poison) or already done: not handled
+    SHARED = "shared"  # handled beside the others
+    ALONE = "alone"  # a suspect: its worker died inside its handler before; handled alone
 
 
 class PoisonMessageError(PipelineError):
@@ -96,32 +105,37 @@ class Pipeline:
         """Use `outlet` for messages of its transport."""
         self.outlets[outlet.transport] = outlet
 
-    async def admit(self, delivery: Delivery) -> bool:
-        """Refuse, before decoding, what is oversized or poison; True when the message may be handled."""
+    async def admit(self, delivery: Delivery) -> Admission:
+        """Refuse, before decoding, what is oversized or poison; say whether the rest runs alone."""
         env = delivery.envelope
         size = env.size
         if size > self.settings.max_body_bytes:
             await self.fail(
                 delivery, InvalidMessageError(f"body of {size} bytes exceeds {self.settings.max_body_bytes}")
             )
-            return False
-        if env.redeliveries > 0:
-            # A suspect: its worker may have died handling it (streams.suspects).
-            crashes = await self.crashes.crashes(env) if self.crashes is not None else env.redeliveries
-            if crashes < self.settings.delivery_limit and env.redeliveries < topology.BROKER_DELIVERY_LIMIT - 1:
-                return True
-            flow = self.flow_of_source.get(env.source)
-            if flow is not None and await self.store.seen(flow, env.message_id):
-                # Its outcome was committed before the crashes: it is done, not poison.
-                metrics.DUPLICATES.labels(env.transport, env.source).inc()
-                return False
-            exc = PoisonMessageError(
-                f"its worker died {crashes} times while handling it, delivered {env.redeliveries + 1} times "
-                f"(limit {self.settings.delivery_limit})"
-            )
-            await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
-            return False
-        return True
+            return Admission.REFUSED
+        if env.redeliveries == 0:
+            return Admission.SHARED
+        # Redelivered: did its worker die inside its handler (streams.suspects)? A message that only
+        # sat prefetched beside the one that killed the worker did not, and runs as usual.
+        if self.crashes is None:  # no ledger: every redelivery is a suspect, the broker's count decides
+            crashes, alone = env.redeliveries, True
+        else:
+            crashes = await self.crashes.crashes(env)
+            alone = crashes > 0
+        if crashes < self.settings.delivery_limit and env.redeliveries < topology.BROKER_DELIVERY_LIMIT - 1:
+            return Admission.ALONE if alone else Admission.SHARED
+        flow = self.flow_of_source.get(env.source)
+        if flow is not None and await self.store.seen(flow, env.message_id):
+            # Its outcome was committed before the crashes: it is done, not poison.
+            metrics.DUPLICATES.labels(env.transport, env.source).inc()
+            return Admission.REFUSED
+        exc = PoisonMessageError(
+            f"its worker died {crashes} times while handling it, delivered {env.redeliveries + 1} times "
+            f"(limit {self.settings.delivery_limit})"
+        )
+        await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
+        return Admission.REFUSED
 
     async def run(self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]) -> None:
         """Run the handler of a decoded command once, and commit its outcome with the inbox entry."""
@@ -154,8 +168,10 @@ class Pipeline:
         """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""
         breaker = self.breaker(dependency)
         await breaker.acquire()
-        # A suspect's run is counted from here: a crash while it waited above is not its doing.
-        ledger = self.crashes if env.redeliveries > 0 else None
+        # Every run is counted from here until the handler returns: a worker that dies in between
+        # leaves the count up, and the redelivered message is then a suspect. A crash while it
+        # waited above, or after it (commit, ack, relay), is not charged to it.
+        ledger = self.crashes
         if ledger is not None:
             await ledger.handler_started(env)
         faults.crash_at("before_handler", env.body)

@@ -5,13 +5,15 @@ that killed it, the others it was handling, and the prefetched ones it never sta
 those deliveries (RabbitMQ `x-delivery-count`, the Redis delivery count) parks innocent
 messages as poison whenever a real poison message sits in the same window.
 
-So a redelivered message is a *suspect*: it runs alone in its worker (`Isolation.exclusive`,
-while first deliveries run side by side under `Isolation.shared`), and its handler's runs are
-counted in Redis (`CrashLedger`), keyed by the message, its attempt and the replay it belongs
-to: one up just before the handler starts, one down when it returns or raises. What is left on
-the counter is how many times the worker died inside this message's own handler; a crash while
-it waited for the breaker, or in the relay after it, is not charged to it. Once the count
-reaches `delivery_limit`, the next delivery is dead-lettered as `poison` before it is handled.
+So every run of a handler is counted in Redis (`CrashLedger`), keyed by the message, its attempt
+and the replay it belongs to: one up just before the handler starts, one down when it returns or
+raises. What is left on the counter is how many times the worker died inside this message's own
+handler; a crash while it waited for the breaker, or after it (commit, ack, relay), is not
+charged to it. A redelivered message with a count is a *suspect*: it runs alone in its worker
+(`Isolation.exclusive`, while the rest run side by side under `Isolation.shared`), so that if it
+kills the worker again, it alone is charged. Once the count reaches `delivery_limit`, the next
+delivery is dead-lettered as `poison` before it is handled. A redelivered message without a
+count (prefetched, never started) runs as usual.
 
 While Redis cannot be reached nothing is called poison by the ledger; the broker's backstop
 (`topology.BROKER_DELIVERY_LIMIT` deliveries) still parks a message that keeps killing its
@@ -35,6 +37,11 @@ log = get_logger("pipeline.suspects")
 
 KEY_PREFIX: Final = "pipeline:starts"
 TTL_SECONDS: Final = 7 * 24 * 3600  # longer than any retry schedule; the key is useless after
+_RETURNED: Final = """
+local n = redis.call('DECR', KEYS[1])
+if n <= 0 then redis.call('DEL', KEYS[1]) end
+return n
+"""
 
 
 def ledger_key(env: Envelope) -> str:
@@ -44,10 +51,12 @@ def ledger_key(env: Envelope) -> str:
 
 
 class CrashLedger:
-    """Counts, across workers, the runs of a redelivered message's handler that never returned."""
+    """Counts, across workers, the runs of a message's handler that never returned."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        # Every message passes here: only the counters of crashed runs may stay behind.
+        self._returned = client.register_script(_RETURNED)
 
     async def crashes(self, env: Envelope) -> int:
         """How many times a worker died inside this message's handler; 0 while Redis does not answer.
@@ -74,9 +83,9 @@ class CrashLedger:
             log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
 
     async def handler_returned(self, env: Envelope) -> None:
-        """The handler returned or raised: this run was no crash."""
+        """The handler returned or raised: this run was no crash (a counter back at zero is deleted)."""
         try:
-            await self.client.decr(ledger_key(env))
+            await self._returned(keys=[ledger_key(env)])
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; this run stays counted", error=repr(exc))
 

@@ -396,15 +396,35 @@ async def test_redelivered_neighbour_of_a_crash_is_handled_not_parked(harness: H
     assert harness.dead_letters == []
     assert len(harness.mailer.sent) == 1
     ledger = harness.module.pipeline.crashes
-    assert ledger.runs == [mid], "its run was counted, as a suspect's"
-    assert ledger.counts == {mid: 0}, "and uncounted when the handler returned"
+    assert ledger.runs == [mid]
+    assert ledger.counts == {mid: 0}, "it never crashed: not a suspect, handled beside the others"
 
 
-async def test_first_delivery_is_not_counted(harness: Harness) -> None:
-    """Only redeliveries are suspects: a first delivery costs no ledger write."""
-    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
+async def test_every_handler_run_is_counted_and_uncounted(harness: Harness) -> None:
+    """A first delivery's run is counted while its handler runs, and the count is back at zero after."""
+    mid = await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
     assert len(harness.mailer.sent) == 1
-    assert harness.module.pipeline.crashes.runs == []
+    assert harness.module.pipeline.crashes.runs == [mid]
+    assert harness.module.pipeline.crashes.counts == {mid: 0}
+
+
+async def test_a_suspect_runs_alone(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redelivered message whose worker died inside its handler before runs with nothing beside it."""
+    pipeline = harness.module.pipeline
+    mid = str(uuid.uuid4())
+    pipeline.crashes.counts[mid] = 1
+    seen: list[int] = []
+    original = pipeline.isolation.exclusive
+
+    def spy() -> Any:
+        seen.append(pipeline.isolation.exclusive_waiting)
+        return original()
+
+    monkeypatch.setattr(pipeline.isolation, "exclusive", spy)
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, message_id=mid, headers={"x-delivery-count": 1})
+    assert seen == [0], "it went through the exclusive side"
+    assert len(harness.mailer.sent) == 1
+    assert harness.dead_letters == []
 
 
 async def test_without_a_ledger_the_broker_count_decides(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

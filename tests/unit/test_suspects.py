@@ -97,8 +97,11 @@ class DownRedis:
     async def get(self, key: str) -> bytes:
         raise RedisConnectionError("Connection refused")
 
-    async def decr(self, key: str) -> int:
-        raise RedisConnectionError("Connection refused")
+    def register_script(self, script: str) -> Any:
+        async def run(keys: list[str]) -> int:
+            raise RedisConnectionError("Connection refused")
+
+        return run
 
     def pipeline(self, transaction: bool = True) -> Any:
         raise RedisConnectionError("Connection refused")

@@ -1,0 +1,50 @@
+"""The crash ledger against the real Redis: a run that returns leaves nothing; a crashed run is counted."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from streams.envelope import Envelope
+from streams.suspects import TTL_SECONDS, CrashLedger, ledger_key
+from tests.connected.conftest import REDIS_URL
+
+
+@pytest.fixture
+async def client(services: None) -> AsyncIterator[aioredis.Redis]:
+    c: aioredis.Redis = aioredis.from_url(REDIS_URL)
+    yield c
+    await c.aclose()
+
+
+def envelope(redeliveries: int = 0) -> Envelope:
+    mid = str(uuid.uuid4())
+    return Envelope(
+        transport="redis", source="email", message_id=mid, correlation_id=mid, body=b"{}", redeliveries=redeliveries
+    )
+
+
+async def test_a_run_that_returns_leaves_no_key(client: aioredis.Redis) -> None:
+    ledger = CrashLedger(client)
+    env = envelope()
+    await ledger.handler_started(env)
+    assert await ledger.crashes(env) == 1, "counted while the handler runs"
+    await ledger.handler_returned(env)
+    assert await client.exists(ledger_key(env)) == 0
+    assert await ledger.crashes(env) == 0
+
+
+async def test_runs_that_never_returned_add_up_and_expire(client: aioredis.Redis) -> None:
+    ledger = CrashLedger(client)
+    env = envelope()
+    await ledger.handler_started(env)  # the worker died here
+    await ledger.handler_started(env.with_redeliveries(1))  # and here again
+    assert await ledger.crashes(env.with_redeliveries(2)) == 2
+    assert 0 < await client.ttl(ledger_key(env)) <= TTL_SECONDS
+    await ledger.handler_started(env)
+    await ledger.handler_returned(env)  # a run that returned does not erase the earlier crashes
+    assert await ledger.crashes(env) == 2
+    await client.delete(ledger_key(env))
