@@ -35,6 +35,7 @@ from streams.scheduler import Mover
 from streams.settings import get_settings, mask_url
 from streams.store import EventStore
 from streams.suspects import CrashLedger
+from streams.watchdog import ShutdownWatchdog
 
 settings = get_settings()
 configure_logging(settings.log_level, settings.log_format)
@@ -88,6 +89,8 @@ rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topolog
 redis.add_middleware(make_middleware(pipeline, redis_outlet, frozenset(s for s, _ in topology.COMMAND_STREAMS)))
 
 subscribers = register(rabbit, redis, pipeline, settings)
+# In-flight handlers get the graceful timeout, the outbox flush half of it; then connections close.
+watchdog = ShutdownWatchdog(deadline=2 * settings.graceful_timeout + 10)
 
 
 async def on_startup() -> None:
@@ -117,6 +120,7 @@ async def on_startup() -> None:
 
 async def on_shutdown() -> None:
     """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
+    watchdog.arm()
     await asyncio.gather(*(sub.stop() for sub in subscribers.values()))
     await mover.stop()  # scheduled retries stay in Redis for the next mover
     await pipeline.monitor.stop()
@@ -130,6 +134,7 @@ async def after_shutdown() -> None:
     await ADAPTERS.close()
     await redis_client.aclose()
     await store.close()
+    watchdog.disarm()
 
 
 async def _rabbit_ok() -> bool:

@@ -220,6 +220,8 @@ class ChaosRun:
             "phase_b": phase_b,
             **books,
             "worker_deaths": len(tl.of("worker died")),
+            # Exit code 70: the shutdown watchdog ended a SIGTERM'd worker whose shutdown hung.
+            "hung_shutdowns": [d for d in tl.of("worker died") if d.get("code") == 70],
             "worker_restarts": sup.restarts,
             "publish_retries": len(publisher.failed_tries),
             "timeline": [e for e in tl.entries if e["what"] != "worker died"],
