@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from streams.envelope import Envelope
+
 # The app reads its settings once, at import: point it at a scratch database first.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="pipeline-tests-"))
 os.environ.setdefault("PIPELINE_DATABASE_URL", f"sqlite+aiosqlite:///{_SCRATCH / 'unit.db'}")
@@ -104,3 +106,21 @@ async def app_store() -> Any:
 
     await app_module.store.start()
     return app_module.store
+
+
+class CountingLedger:
+    """The crash ledger in memory: handler runs that never returned, per message id."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.runs: list[str] = []
+
+    async def crashes(self, env: Envelope) -> int:
+        return self.counts.get(env.message_id, 0)
+
+    async def handler_started(self, env: Envelope) -> None:
+        self.runs.append(env.message_id)
+        self.counts[env.message_id] = self.counts.get(env.message_id, 0) + 1
+
+    async def handler_returned(self, env: Envelope) -> None:
+        self.counts[env.message_id] -= 1

@@ -38,7 +38,7 @@ from schemas import RequestCompletion, SendEmail
 from streams import names, topology
 from streams.deps import Adapters, install
 from streams.envelope import Envelope
-from tests.conftest import RecordingRedis
+from tests.conftest import CountingLedger, RecordingRedis
 from tests.unit.test_pipeline import FakeMailer
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
@@ -252,6 +252,7 @@ def app_session(runner: asyncio.Runner) -> Iterator[Session]:
         module.pipeline.breakers.clear()
         install(Adapters(mailer=mailer, model=EchoModel()))
         mp.setattr(module.redis_outlet, "client", fake_redis)
+        mp.setattr(module.pipeline, "crashes", CountingLedger())
         for outlet in (module.rabbit_outlet, module.redis_outlet):
             original = outlet.dead_letter
 

@@ -20,7 +20,7 @@ from streams import names, topology
 from streams.deps import Adapters, install
 from streams.envelope import Envelope
 from streams.store import EventStore
-from tests.conftest import RecordingRedis
+from tests.conftest import CountingLedger, RecordingRedis
 
 EMAIL = {"to": "ada@example.com", "subject": "Welcome", "body": "Hello Ada"}
 
@@ -41,24 +41,6 @@ class FakeMailer:
             raise self.error
         self.sent.append((mail, idempotency_key))
         return f"prov-{len(self.sent)}"
-
-
-class CountingLedger:
-    """The crash ledger in memory: handler runs that never returned, per message id."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.runs: list[str] = []
-
-    async def crashes(self, env: Envelope) -> int:
-        return self.counts.get(env.message_id, 0)
-
-    async def handler_started(self, env: Envelope) -> None:
-        self.runs.append(env.message_id)
-        self.counts[env.message_id] = self.counts.get(env.message_id, 0) + 1
-
-    async def handler_returned(self, env: Envelope) -> None:
-        self.counts[env.message_id] -= 1
 
 
 @dataclass
