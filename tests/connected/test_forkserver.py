@@ -1,0 +1,90 @@
+"""`python -m streams.forkserver`: a worker that dies is replaced by a fork of the warm parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streams import names
+from tests.chaos.infra import child_pids
+from tests.connected.conftest import RabbitProbe, Worker, start_worker, wait_ready, wait_until
+from tests.connected.harness import email
+
+
+def _startups(worker: Worker) -> list[dict[str, object]]:
+    """The start-up lines of each forked worker (they name the consumer)."""
+    lines = []
+    for line in worker.log().splitlines():
+        if '"consumer"' in line and line.startswith("{"):
+            record = json.loads(line)
+            if "settings" in record:
+                lines.append(record)
+    return lines
+
+
+async def _child(worker: Worker) -> int:
+    async def one() -> int | None:
+        children = child_pids(worker.proc.pid)
+        return children[0] if children else None
+
+    pid: int = await wait_until(one, 30)
+    return pid
+
+
+async def test_a_killed_worker_is_forked_again_and_serves(
+    services: None, tmp_path: Path, rabbit_probe: RabbitProbe
+) -> None:
+    worker = start_worker(tmp_path, {"PIPELINE_LOG_FORMAT": "json"}, forkserver=True)
+    try:
+        await wait_ready(worker)
+        first = await _child(worker)
+        signal_sent = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            children = child_pids(worker.proc.pid)
+            if not children or children[0] == first:
+                return False
+            try:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(worker.base_url + "/health/ready", timeout=2)).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await wait_until(replaced, 60, interval=0.05)
+        print(f"ready again {time.monotonic() - signal_sent:.2f} s after the SIGKILL")
+        assert worker.proc.poll() is None, "the parent lives on"
+        assert "worker died; forking a new one" in worker.log()
+        assert '"signal": "SIGKILL"' in worker.log()
+
+        mid = await rabbit_probe.publish("email", email())
+        await rabbit_probe.wait_event(names.EMAIL_SENT, mid)
+
+        consumers = [str(s["consumer"]) for s in _startups(worker)]
+        assert len(consumers) == 2
+        assert consumers[0] != consumers[1], "each forked worker is its own consumer"
+        second = child_pids(worker.proc.pid)[0]
+        assert str(first) in consumers[0]
+        assert str(second) in consumers[1]
+    finally:
+        code = worker.stop(signal.SIGTERM, timeout=40)
+    assert code == 0, "SIGTERM reaches the worker, which stops cleanly, and the parent exits with it"
+    assert "worker stopped" in worker.log()
+
+
+async def test_sigterm_stops_worker_and_parent(services: None, tmp_path: Path) -> None:
+    worker = start_worker(tmp_path, {"PIPELINE_LOG_FORMAT": "json"}, forkserver=True)
+    await wait_ready(worker)
+    child = await _child(worker)
+    worker.proc.send_signal(signal.SIGTERM)
+    code = worker.proc.wait(40)
+    assert code == 0
+    with pytest.raises(ProcessLookupError):  # no worker left behind
+        os.kill(child, 0)
+    assert "worker stopped" in worker.log()
