@@ -41,7 +41,13 @@ settings = get_settings()
 configure_logging(settings.log_level, settings.log_format)
 log = get_logger("pipeline.app")
 
-CONSUMER = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+def consumer_name() -> str:
+    """A Redis consumer name and outbox owner unique to the calling process (a forked worker too)."""
+    return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+CONSUMER = consumer_name()  # renewed at start-up: a worker forked from this process is another consumer
 store = EventStore(
     settings.database_url,
     owner=CONSUMER,
@@ -101,7 +107,10 @@ async def on_startup() -> None:
     await schema.prepare(settings.database_url, auto_upgrade=settings.auto_upgrade)
     await store.start(create=False)
     install(Adapters.from_settings(settings))
-    name = CONSUMER  # this process's Redis consumer name and outbox owner: unique per process
+    global CONSUMER  # noqa: PLW0603 - one identity per process, set where the process starts working
+    name = CONSUMER = consumer_name()  # this process's Redis consumer name and outbox owner
+    store.owner = name
+    keepalive.consumer = name
     for sub in subscribers.values():
         stream_sub = getattr(sub, "_stream_sub", None)
         if stream_sub is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import time
@@ -56,10 +57,24 @@ class Slot:
     armed_next: dict[str, str] | None = None
     armed_now: dict[str, str] | None = None
     expected_exit: bool = False
+    log_offset: int = 0  # fork-server mode: how far its log has been read for worker deaths
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of process `pid` (Linux /proc)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 class Supervisor:
-    """Keeps `size` workers alive: a worker that dies is restarted `restart_delay` s later, forever."""
+    """Keeps `size` workers alive: a worker that dies is restarted `restart_delay` s later, forever.
+
+    With `forkserver`, each slot runs `python -m streams.forkserver`, which replaces its own dead
+    worker (a forked child) at once; the supervisor then reads the deaths from its log, kills the
+    child rather than the parent, and restarts only a parent that exited.
+    """
 
     def __init__(
         self,
@@ -69,7 +84,10 @@ class Supervisor:
         timeline: Timeline,
         rng: random.Random,
         restart_delay: tuple[float, float] = (0.2, 0.5),
+        *,
+        forkserver: bool = False,
     ) -> None:
+        self.forkserver = forkserver
         self.tmp = tmp
         self.timeline = timeline
         self.rng = rng
@@ -83,8 +101,9 @@ class Supervisor:
         slot.incarnation += 1
         env = {**slot.env, **(slot.armed_next or {})}
         slot.armed_now, slot.armed_next = slot.armed_next, None
-        worker = start_worker(self.tmp, env, name=f"w{slot.index}-{slot.incarnation:04d}")
+        worker = start_worker(self.tmp, env, name=f"w{slot.index}-{slot.incarnation:04d}", forkserver=self.forkserver)
         slot.worker = worker
+        slot.log_offset = 0
         self.all_workers.append(worker)
         return worker
 
@@ -93,12 +112,44 @@ class Supervisor:
             self._spawn(slot)
         self._task = asyncio.create_task(self._watch(), name="chaos-supervisor")
 
+    def _forked_deaths(self, slot: Slot) -> None:
+        """Record the worker deaths the slot's fork server logged since the last look."""
+        assert slot.worker is not None
+        try:
+            with slot.worker.log_path.open("rb") as f:
+                f.seek(slot.log_offset)
+                chunk = f.read()
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1
+        slot.log_offset += end
+        for line in chunk[:end].splitlines():
+            if b"worker died; forking a new one" not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            death = self.timeline.log(
+                "worker died",
+                slot=slot.index,
+                incarnation=slot.incarnation,
+                code=record.get("code"),
+                pid=record.get("pid"),
+                armed=slot.armed_now,
+            )
+            slot.deaths.append(death)
+            slot.armed_now = None
+            self.restarts += 1
+
     async def _watch(self) -> None:
         while True:
             for slot in self.slots:
                 worker = slot.worker
                 if worker is None or slot.expected_exit:
                     continue
+                if self.forkserver:
+                    self._forked_deaths(slot)
                 code = worker.proc.poll()
                 if code is None:
                     continue
@@ -112,14 +163,24 @@ class Supervisor:
                 self.restarts += 1
             await asyncio.sleep(0.05)
 
+    def _target(self, slot: Slot) -> int | None:
+        """The pid doing the slot's work: the process itself, or the fork server's child."""
+        if slot.worker is None or slot.worker.proc.poll() is not None:
+            return None
+        if not self.forkserver:
+            return slot.worker.proc.pid
+        children = child_pids(slot.worker.proc.pid)
+        return children[0] if children else None
+
     def alive(self) -> list[Slot]:
-        return [s for s in self.slots if s.worker is not None and s.worker.proc.poll() is None]
+        return [s for s in self.slots if self._target(s) is not None]
 
     def kill(self, slot: Slot, why: str) -> None:
-        """SIGKILL the slot's current process (the supervisor restarts it)."""
-        if slot.worker is not None and slot.worker.proc.poll() is None:
-            self.timeline.log("SIGKILL", slot=slot.index, incarnation=slot.incarnation, why=why)
-            slot.worker.proc.send_signal(signal.SIGKILL)
+        """SIGKILL the slot's worker (the supervisor, or its fork server, replaces it)."""
+        pid = self._target(slot)
+        if pid is not None:
+            self.timeline.log("SIGKILL", slot=slot.index, incarnation=slot.incarnation, pid=pid, why=why)
+            os.kill(pid, signal.SIGKILL)
 
     def arm(self, slot: Slot, env: dict[str, str], why: str) -> None:
         """Restart `slot` with `env` laid over its own for one incarnation (it ends at its crash)."""

@@ -67,6 +67,9 @@ class ChaosConfig:
     redis_max_workers: int = 16
     quiesce_timeout: float = 900.0
     named_per_point: int = 4  # marked messages per crash point and round
+    # Workers under `python -m streams.forkserver`, which replaces a dead worker by a fork of a warm
+    # parent; off: `faststream run`, restarted by the supervisor (a full interpreter start).
+    forkserver: bool = True
 
     @classmethod
     def from_env(cls, seed: int) -> ChaosConfig:
@@ -80,6 +83,7 @@ class ChaosConfig:
             prefetch=_env_int("CHAOS_PREFETCH", cls.prefetch),
             redis_read_count=_env_int("CHAOS_REDIS_READ_COUNT", cls.redis_read_count),
             redis_max_workers=_env_int("CHAOS_REDIS_MAX_WORKERS", cls.redis_max_workers),
+            forkserver=_env_int("CHAOS_FORKSERVER", 1) == 1,
         )
 
 
@@ -191,7 +195,7 @@ class ChaosRun:
     ) -> dict[str, Any]:
         tl = self.timeline
         env = self.worker_env(rabbit, redis, db_url, mail)
-        sup = Supervisor(self.tmp, env, self.cfg.workers, tl, self.rng)
+        sup = Supervisor(self.tmp, env, self.cfg.workers, tl, self.rng, forkserver=self.cfg.forkserver)
         observer = Observer(rabbit.url, redis.url, tl.t0, wall0=tl.wall0)
         await observer.declare()
         await sup.start()
@@ -336,7 +340,11 @@ class ChaosRun:
             slot = sup.slots[i % len(sup.slots)]
             sup.arm(
                 slot,
-                {"PIPELINE_FAULT_CRASH_MARKER": markers[point], "PIPELINE_FAULT_CRASH_POINTS": point},
+                {
+                    "PIPELINE_FAULT_CRASH_MARKER": markers[point],
+                    "PIPELINE_FAULT_CRASH_POINTS": point,
+                    "PIPELINE_FAULT_CRASH_ONCE": str(self.tmp / f"fired-{point}"),
+                },
                 f"one-shot {point}",
             )
         for i, point in enumerate(NAMED_POINTS):

@@ -79,8 +79,10 @@ class Worker:
             return self.proc.wait(timeout=10)
 
 
-def start_worker(tmp: Path, env: dict[str, str] | None = None, name: str = "worker") -> Worker:
-    """Start `faststream run streams.app:app` on a free port with its own SQLite file."""
+def start_worker(
+    tmp: Path, env: dict[str, str] | None = None, name: str = "worker", *, forkserver: bool = False
+) -> Worker:
+    """Start `faststream run streams.app:app` (or its fork server) on a free port with its own SQLite file."""
     port = free_port()
     db_url = f"sqlite+aiosqlite:///{tmp / (name + '.db')}"
     log_path = tmp / f"{name}.log"
@@ -93,7 +95,15 @@ def start_worker(tmp: Path, env: dict[str, str] | None = None, name: str = "work
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "faststream", "run", "streams.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                *(["streams.forkserver"] if forkserver else ["faststream", "run", "streams.app:app"]),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             cwd=ROOT,
             env=full_env,
             stdout=log,

@@ -1,9 +1,12 @@
-"""The shutdown watchdog: a shutdown stuck on an await exits anyway, saying where it was stuck."""
+"""Process-level safety and faults: the shutdown watchdog, and one-shot crash points."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from streams.watchdog import EXIT_CODE
 
@@ -48,3 +51,21 @@ def test_a_stuck_shutdown_exits_with_the_stacks_of_its_tasks() -> None:
 def test_a_shutdown_that_finishes_is_left_alone() -> None:
     proc = subprocess.run([sys.executable, "-c", DONE], check=False, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+CRASH = "from streams import faults; faults.crash_at('after_handler', b'xx MARK xx'); print('survived')"
+
+
+def test_a_one_shot_crash_point_fires_once_across_processes(tmp_path: Path) -> None:
+    """With PIPELINE_FAULT_CRASH_ONCE, the first process dies at the point, the next one goes on."""
+    env = {
+        **os.environ,
+        "PIPELINE_FAULT_CRASH_MARKER": "MARK",
+        "PIPELINE_FAULT_CRASH_POINTS": "after_handler",
+        "PIPELINE_FAULT_CRASH_ONCE": str(tmp_path / "fired"),
+    }
+    first = subprocess.run([sys.executable, "-c", CRASH], env=env, check=False, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", CRASH], env=env, check=False, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL
+    assert second.returncode == 0
+    assert second.stdout.strip() == "survived"
