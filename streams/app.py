@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
@@ -127,6 +128,16 @@ async def on_startup() -> None:
     log.info("starting", consumer=name, settings=settings.safe_dump())
 
 
+# Called once every broker consumes (the fork server learns that its worker started for real).
+READY_CALLBACKS: list[Callable[[], None]] = []
+
+
+async def after_startup() -> None:
+    """Tell whoever waits that this worker is consuming."""
+    for callback in READY_CALLBACKS:
+        callback()
+
+
 async def on_shutdown() -> None:
     """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
     watchdog.arm()
@@ -220,6 +231,7 @@ app = AsgiFastStream(
         ),
     ),
     on_startup=[on_startup],
+    after_startup=[after_startup],
     on_shutdown=[on_shutdown],
     after_shutdown=[after_shutdown],
 )

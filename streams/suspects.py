@@ -36,6 +36,8 @@ from streams.logging import get_logger
 log = get_logger("pipeline.suspects")
 
 KEY_PREFIX: Final = "pipeline:starts"
+RETRY_FIRST: Final = 0.2  # seconds before the first retry of a decrement Redis refused
+RETRY_FOR: Final = 120.0  # and how long to keep trying (a Redis restart takes seconds)
 TTL_SECONDS: Final = 7 * 24 * 3600  # longer than any retry schedule; the key is useless after
 _RETURNED: Final = """
 local n = redis.call('DECR', KEYS[1])
@@ -57,6 +59,7 @@ class CrashLedger:
         self.client = client
         # Every message passes here: only the counters of crashed runs may stay behind.
         self._returned = client.register_script(_RETURNED)
+        self._retries: set[asyncio.Task[None]] = set()
 
     async def crashes(self, env: Envelope) -> int:
         """How many times a worker died inside this message's handler; 0 while Redis does not answer.
@@ -83,11 +86,31 @@ class CrashLedger:
             log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
 
     async def handler_returned(self, env: Envelope) -> None:
-        """The handler returned or raised: this run was no crash (a counter back at zero is deleted)."""
+        """The handler returned or raised: this run was no crash (a counter back at zero is deleted).
+
+        While Redis does not answer (a restart), the decrement is retried in the background, so a
+        run that ended well is not left counted as a crash.
+        """
+        key = ledger_key(env)
         try:
-            await self._returned(keys=[ledger_key(env)])
+            await self._returned(keys=[key])
         except (RedisError, OSError) as exc:
-            log.warning("crash ledger unavailable; this run stays counted", error=repr(exc))
+            log.warning("crash ledger unavailable; the run is uncounted once it is back", error=repr(exc))
+            task = asyncio.get_running_loop().create_task(self._retry_returned(key))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _retry_returned(self, key: str) -> None:
+        delay = RETRY_FIRST
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self._returned(keys=[key])
+                return
+            except (RedisError, OSError):
+                delay = min(delay * 2, 5.0)
+        log.warning("crash ledger still unavailable; a run that ended stays counted", key=key)
 
 
 class Isolation:

@@ -18,10 +18,12 @@ from redis.exceptions import ResponseError
 
 from streams import names
 
-# The broker's own poison cap, a backstop behind the worker's PIPELINE_DELIVERY_LIMIT (which
-# dead-letters with the whole story first). Fixed, so changing the setting never needs the
-# queues re-declared.
-BROKER_DELIVERY_LIMIT = 20
+# The broker's own poison cap, a backstop behind the worker's crash ledger and its
+# PIPELINE_DELIVERY_LIMIT (which dead-letter with the whole story first). High, because the
+# broker charges a delivery to every message a dying worker held, not only the one that killed
+# it: under a crash loop, innocent messages in the prefetch window reach 20 within a minute.
+# Fixed, so changing the setting never needs the queues re-declared.
+BROKER_DELIVERY_LIMIT = 100
 DELAY_LEVELS = 16  # the longest delay is 2**16 - 1 s, about 18 h
 DELAY_DELIVER = "delay.deliver"
 

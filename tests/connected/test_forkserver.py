@@ -62,6 +62,7 @@ async def test_a_killed_worker_is_forked_again_and_serves(
         assert worker.proc.poll() is None, "the parent lives on"
         assert "worker died; forking a new one" in worker.log()
         assert '"signal": "SIGKILL"' in worker.log()
+        assert '"started": true' in worker.log(), "it had been consuming: replaced at once"
 
         mid = await rabbit_probe.publish("email", email())
         await rabbit_probe.wait_event(names.EMAIL_SENT, mid)

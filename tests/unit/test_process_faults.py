@@ -69,3 +69,16 @@ def test_a_one_shot_crash_point_fires_once_across_processes(tmp_path: Path) -> N
     assert first.returncode == -signal.SIGKILL
     assert second.returncode == 0
     assert second.stdout.strip() == "survived"
+
+
+def test_forkserver_backs_off_only_while_the_worker_cannot_start() -> None:
+    from streams.forkserver import MAX_BACKOFF, next_backoff
+
+    assert next_backoff(True, 4.0) == 0.0, "a worker that consumed and died is replaced at once"
+    delays = []
+    delay = 0.0
+    for _ in range(8):
+        delay = next_backoff(False, delay)
+        delays.append(delay)
+    assert delays[:3] == [0.1, 0.2, 0.4]
+    assert delays[-1] == MAX_BACKOFF

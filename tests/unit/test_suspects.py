@@ -114,3 +114,40 @@ async def test_an_unreachable_ledger_calls_nothing_poison_and_does_not_fail_the_
     assert await ledger.crashes(env) == 0
     await ledger.handler_started(env)
     await ledger.handler_returned(env)
+
+
+class FlakyScript:
+    """A Lua script call that fails while Redis restarts, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.landed = asyncio.Event()
+
+    async def __call__(self, keys: list[str]) -> int:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RedisConnectionError("Connection refused")
+        self.landed.set()
+        return 0
+
+
+class RestartingRedis:
+    def __init__(self, script: FlakyScript) -> None:
+        self.script = script
+
+    def register_script(self, source: str) -> FlakyScript:
+        return self.script
+
+
+async def test_a_decrement_refused_during_a_redis_restart_is_retried(monkeypatch: Any) -> None:
+    """A run that ended while Redis restarted is uncounted once Redis is back, not left as a crash."""
+    import streams.suspects as suspects
+
+    monkeypatch.setattr(suspects, "RETRY_FIRST", 0.01)
+    script = FlakyScript(failures=2)
+    ledger = CrashLedger(cast(Any, RestartingRedis(script)))
+    env = Envelope(transport="redis", source="email", message_id="m1", correlation_id="c1", body=b"{}")
+    await ledger.handler_returned(env)  # does not raise
+    await asyncio.wait_for(script.landed.wait(), 5)
+    assert script.calls == 3, "two refusals, then the decrement landed"
