@@ -68,11 +68,16 @@ def delay_queue(level: int) -> RabbitQueue:
     """Level `level`: holds every message for exactly 2**level seconds, then passes it on."""
     return RabbitQueue(
         f"delay.level.{level:02d}",
+        queue_type=QueueType.QUORUM,
         durable=True,
         arguments={
             "x-message-ttl": (2**level) * 1000,
             "x-dead-letter-exchange": _next_hop(level),
-            "x-queue-mode": "lazy",
+            # A classic queue dead-letters at most once: a broker stopping while a message passes
+            # from one level to the next loses it (the chaos suite saw it). A quorum queue keeps
+            # the message until the next hop has it (needs reject-publish overflow).
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
         },
     )
 
