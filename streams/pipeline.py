@@ -262,13 +262,20 @@ class Pipeline:
                 attempts=failure.attempts,
             )
         )
-        # Recorded first, then parked: a crash in between redelivers the message, which is then
-        # parked without a second record (the key below is this failure's, so a replay that fails
-        # again is recorded again).
+        # Recorded first, then parked, then the parking recorded: a crash before the park
+        # redelivers the message, which is then parked without a second record; a crash after it
+        # (before the ack) finds it parked and only acknowledges. The key is this failure's, so a
+        # replay that fails again is recorded and parked again.
         replayed_from = env.headers.get("x-replayed-from", "")
-        key = f"dead-letter:{failure.kind.value}:{env.attempt}:{replayed_from}"[:64]
-        done = await self.store.commit(Commit(stream_id, outcome, env, consumer=key, dead_letter=failure))
+        key = f"dead-letter:{failure.kind.value}:{env.attempt}:{replayed_from}"
+        parked = f"parked:{key}"[:64]  # written once the broker confirmed the parked copy
+        done = await self.store.commit(Commit(stream_id, outcome, env, consumer=key[:64], dead_letter=failure))
+        if done.outcome is Outcome.DUPLICATE and await self.store.seen(parked, env.message_id):
+            # Recorded and parked before a crash took the acknowledgement: only the ack was missing.
+            log.warning("dead letter already parked before a crash; acknowledged now")
+            return
         await self.outlets[env.transport].dead_letter(env, failure.headers(env))
+        await self.store.commit(Commit(stream_id, (), env, consumer=parked, publish=False))
         if done.outcome is Outcome.DUPLICATE:
             log.warning("dead letter parked again after a crash; already recorded", failure_kind=failure.kind.value)
             return

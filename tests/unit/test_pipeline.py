@@ -222,6 +222,17 @@ async def test_bad_input_is_dead_lettered_as_invalid_with_bytes_intact(
     assert [(d["message_id"], d["failure_kind"]) for d in dead] == [(mid, "invalid")]
 
 
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_a_dead_letter_redelivered_after_parking_is_not_parked_twice(harness: Harness, broker: str) -> None:
+    """Parked, then the worker died before the ack: the redelivered copy is acknowledged, not parked again."""
+    mid = str(uuid.uuid4())
+    await harness.send(broker, names.EMAIL_QUEUE, b"not json", message_id=mid)
+    await harness.send(broker, names.EMAIL_QUEUE, b"not json", message_id=mid)  # the same delivery again
+    assert len(harness.dead_letters) == 1
+    dead = harness.events(broker, names.MESSAGE_DEAD_LETTERED)
+    assert [d["message_id"] for d in dead] == [mid]
+
+
 async def test_rabbit_dead_letter_goes_to_the_dlq_queue_with_the_original_body(harness: Harness) -> None:
     """On RabbitMQ the dead letter is published to queue `email.dlq` with the original bytes."""
     raw = b'{"subject": "no recipient"}'
