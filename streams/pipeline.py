@@ -134,7 +134,10 @@ class Pipeline:
             f"its worker died {crashes} times while handling it, delivered {env.redeliveries + 1} times "
             f"(limit {self.settings.delivery_limit})"
         )
-        await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
+        # Parked alone: a crash caused by another message while this one is between parked and
+        # acknowledged would park it twice.
+        async with self.isolation.exclusive():
+            await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
         return Admission.REFUSED
 
     async def run(self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]) -> None:

@@ -61,7 +61,7 @@ class ChaosConfig:
     outage_seconds: float = 10.0
     window: float = 10.0  # seconds of the sliding window for throughput
     recovery_limit: float = 60.0
-    delivery_limit: int = 2  # a poison message costs two worker deaths (streams.suspects)
+    delivery_limit: int = 3  # a poison message costs three worker deaths (streams.suspects)
     prefetch: int = 64
     redis_read_count: int = 64
     redis_max_workers: int = 16
