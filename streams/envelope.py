@@ -95,4 +95,9 @@ def pick_ids(
     """Message id and correlation id: the broker's own, else the header, else derived."""
     message_id = native_message_id or header_str(headers, names.H_MESSAGE_ID) or derive_message_id(source, body)
     correlation_id = native_correlation_id or header_str(headers, names.H_CORRELATION_ID) or message_id
-    return message_id[:256], correlation_id[:256]
+    return storable(message_id)[:256], storable(correlation_id)[:256]
+
+
+def storable(text: str) -> str:
+    """Text a database keeps as it is: PostgreSQL refuses NUL characters in text, so they are escaped."""
+    return text.replace("\x00", "\\x00")

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from handlers.errors import FatalError, InvalidMessageError
 from schemas import FailureKind
 from streams import names
-from streams.envelope import Envelope
+from streams.envelope import Envelope, storable
 
 MAX_STACKTRACE_CHARS = 4_000
 MAX_EXCEPTION_MESSAGE_CHARS = 1_000
@@ -51,8 +51,8 @@ class Failure:
         return cls(
             kind=kind,
             exception_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            exception_message=str(exc)[:MAX_EXCEPTION_MESSAGE_CHARS],
-            stacktrace=trace[-MAX_STACKTRACE_CHARS:],
+            exception_message=storable(str(exc))[:MAX_EXCEPTION_MESSAGE_CHARS],
+            stacktrace=storable(trace)[-MAX_STACKTRACE_CHARS:],
             attempts=env.attempt,
             first_failure_at=first,
             last_failure_at=now,

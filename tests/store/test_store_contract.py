@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import delete, func, select, update
 
 from schemas import (
@@ -24,6 +25,7 @@ from schemas import (
     FailureKind,
     MessageDeadLettered,
     RetryScheduled,
+    SendEmail,
 )
 from streams import projections
 from streams.envelope import Envelope
@@ -228,6 +230,19 @@ async def test_commit_without_consumer_is_never_a_duplicate(store: EventStore) -
 
 
 # -- dead letters ---------------------------------------------------------------------------
+
+
+async def test_a_failure_whose_text_holds_a_nul_character_is_recorded(store: EventStore) -> None:
+    """A validation error quoting a NUL character (PostgreSQL refuses it in text) is still recorded."""
+    bad_key = "j\x00k"
+    try:
+        SendEmail.model_validate({bad_key: None})
+    except ValidationError as exc:
+        described = Failure.of(exc, FailureKind.INVALID, envelope())
+    assert "\x00" not in described.exception_message
+    assert "\x00" not in described.stacktrace
+    dead_letter_id = await store.record_dead_letter(envelope(), described)
+    assert dead_letter_id > 0
 
 
 async def test_dead_letters_are_recorded_with_their_id(store: EventStore) -> None:
