@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -271,7 +272,13 @@ class Pipeline:
         # replay that fails again is recorded and parked again.
         replayed_from = env.headers.get("x-replayed-from", "")
         key = f"dead-letter:{failure.kind.value}:{env.attempt}:{replayed_from}"
-        parked = f"parked:{key}"[:64]  # written once the broker confirmed the parked copy
+        # Written once the broker confirmed the parked copy. Its digest covers the queue and the
+        # bytes too: two different messages a producer sent under one id are each parked.
+        digest = hashlib.blake2b(digest_size=12)
+        for part in (env.transport, env.source, key):
+            digest.update(part.encode() + b"\x00")
+        digest.update(env.body)
+        parked = f"parked:{digest.hexdigest()}"
         done = await self.store.commit(Commit(stream_id, outcome, env, consumer=key[:64], dead_letter=failure))
         if done.outcome is Outcome.DUPLICATE and await self.store.seen(parked, env.message_id):
             # Recorded and parked before a crash took the acknowledgement: only the ack was missing.

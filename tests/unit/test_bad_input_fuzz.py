@@ -32,12 +32,14 @@ from faststream.redis.parser.binary import BinaryMessageFormatV1
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
 
 from handlers.models import EchoModel
 from schemas import RequestCompletion, SendEmail
 from streams import names, topology
 from streams.deps import Adapters, install
 from streams.envelope import Envelope
+from streams.tables import dead_letters
 from tests.conftest import CountingLedger, RecordingRedis
 from tests.unit.test_pipeline import FakeMailer
 
@@ -196,6 +198,16 @@ class Session:
     redis_client: RecordingRedis
     dead_letters: list[tuple[Envelope, dict[str, str]]] = field(default_factory=list)
 
+    async def parked_before(self, broker: str, queue: str, body: bytes) -> bool:
+        """An earlier message with these bytes was dead-lettered from this queue (kept in the store)."""
+        async with self.module.store.engine.connect() as conn:
+            found = await conn.execute(
+                select(dead_letters.c.id).where(
+                    dead_letters.c.transport == broker, dead_letters.c.queue == queue, dead_letters.c.body == body
+                )
+            )
+            return found.first() is not None
+
     def success_ids(self, broker: str, queue: str) -> list[str]:
         """Message ids answered by a success event on `events` of one broker."""
         pubs = self.module.publishers
@@ -283,6 +295,10 @@ async def check_case(s: Session, broker: str, queue: str, case: Case) -> dict[st
     s.dead_letters.clear()
     sent_before = len(s.mailer.sent)
     await s.send(broker, queue, case)  # raises if anything escaped the subscriber
+    if not s.dead_letters and await s.parked_before(broker, queue, case.body):
+        # Hypothesis sent the very same message (id and bytes) again: a redelivery of a message
+        # already parked is acknowledged, not parked twice (its first copy is in the DLQ).
+        return {}
     assert len(s.dead_letters) == 1, f"dead-lettered once, got {len(s.dead_letters)}"
     env, headers = s.dead_letters[0]
     assert headers[names.H_FAILURE_KIND] == "invalid", headers
