@@ -8,13 +8,15 @@ transaction. When a batch fails, its units are retried one by one, so one bad un
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from streams.logging import get_logger
+from streams.periodic import cancel_and_wait
 
 log = get_logger("pipeline.committer")
+
+STOP_GRACE = 10.0  # seconds stop() waits for queued units to be written
 
 U = TypeVar("U")
 R = TypeVar("R")
@@ -44,12 +46,13 @@ class GroupCommitter(Generic[U, R]):
 
     async def stop(self) -> None:
         """Write what is queued, then stop."""
+        if self._task is not None and not self._task.done():
+            try:  # the writer empties the queue; bounded, should it have died with units queued
+                await asyncio.wait_for(self._queue.join(), STOP_GRACE)
+            except TimeoutError:
+                log.warning("group commit queue not drained at stop", queued=self._queue.qsize())
         if self._task is not None:
-            await self._queue.join()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def submit(self, unit: U) -> R:

@@ -20,6 +20,7 @@ from typing import Protocol
 from streams import faults, metrics
 from streams.envelope import Transport
 from streams.logging import get_logger
+from streams.periodic import cancel_and_wait
 from streams.store import EventStore, PendingEvent
 
 log = get_logger("pipeline.relay")
@@ -55,6 +56,7 @@ class Relay:
         self._lock = asyncio.Lock()  # one batch at a time: two would read and publish the same rows
         self.published = 0
         self._claimed_at = float("-inf")
+        self._stopping = False
 
     def kick(self) -> None:
         """Something was committed: publish soon."""
@@ -67,14 +69,14 @@ class Relay:
             return
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._stopping = False
         self._task = loop.create_task(self._run(), name="outbox-relay")
 
     async def stop(self, *, flush_timeout: float = 5.0) -> None:
         """Stop the background task, then publish what is pending (within `flush_timeout`)."""
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         try:
             await asyncio.wait_for(self.flush(), flush_timeout)
@@ -119,7 +121,7 @@ class Relay:
         return len(done)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
