@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
@@ -26,12 +27,13 @@ from streams.deps import ADAPTERS, Adapters, install
 from streams.flows import COMPLETION, EMAIL
 from streams.groups import keep_group_alive
 from streams.keepalive import PendingKeepalive
+from streams.lanes import RabbitLane, RedisLane
 from streams.logging import configure_logging, get_logger
 from streams.middleware import make_middleware
 from streams.outlets import RabbitOutlet, RedisOutlet
 from streams.pipeline import Pipeline
 from streams.publishers import declare_publishers
-from streams.routes import register
+from streams.routes import build_lanes, register
 from streams.scheduler import Mover
 from streams.settings import get_settings, mask_url
 from streams.store import EventStore
@@ -56,7 +58,8 @@ store = EventStore(
     max_wait=settings.store_batch_wait_ms / 1000,
 )
 redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
-pipeline = Pipeline(settings, store, crashes=CrashLedger(redis_client))
+crash_ledger = CrashLedger(redis_client)
+pipeline = Pipeline(settings, store, crashes=crash_ledger)
 
 rabbit = RabbitBroker(
     settings.rabbit_url,
@@ -96,8 +99,15 @@ rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topolog
 redis.add_middleware(make_middleware(pipeline, redis_outlet, frozenset(s for s, _ in topology.COMMAND_STREAMS)))
 
 subscribers = register(rabbit, redis, pipeline, settings)
+# The command consumers of a running worker (streams.lanes); FastStream's command subscribers
+# stand in for them in the AsyncAPI document and in in-memory tests.
+lanes = build_lanes(pipeline, redis_client, settings)
 # In-flight handlers get the graceful timeout, the outbox flush half of it; then connections close.
 watchdog = ShutdownWatchdog(deadline=2 * settings.graceful_timeout + 10)
+
+
+async def _not_started(*_: Any, **__: Any) -> None:
+    """`start` of a FastStream subscriber whose queue or stream a lane reads: it never consumes."""
 
 
 async def on_startup() -> None:
@@ -112,11 +122,17 @@ async def on_startup() -> None:
     name = CONSUMER = consumer_name()  # this process's Redis consumer name and outbox owner
     store.owner = name
     keepalive.consumer = name
-    for sub in subscribers.values():
+    for key, sub in subscribers.items():
         stream_sub = getattr(sub, "_stream_sub", None)
         if stream_sub is not None:
             stream_sub.consumer = name
             keep_group_alive(sub)
+        if key in lanes:
+            sub.start = _not_started  # the lane reads this queue or stream instead
+    for lane in lanes.values():
+        if isinstance(lane, RedisLane):
+            lane.consumer = name
+    crash_ledger.start()
     await rabbit.connect()
     await topology.declare_rabbit(rabbit)
     rabbit_outlet.use_exchange(await rabbit.declare_exchange(topology.EVENTS))
@@ -133,7 +149,11 @@ READY_CALLBACKS: list[Callable[[], None]] = []
 
 
 async def after_startup() -> None:
-    """Tell whoever waits that this worker is consuming."""
+    """Start the lanes; tell whoever waits that this worker is consuming."""
+    for lane in lanes.values():
+        if isinstance(lane, RabbitLane):
+            lane.bind(await rabbit.connect())
+        await lane.start()
     for callback in READY_CALLBACKS:
         callback()
 
@@ -141,7 +161,10 @@ async def after_startup() -> None:
 async def on_shutdown() -> None:
     """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
     watchdog.arm()
-    await asyncio.gather(*(sub.stop() for sub in subscribers.values()))
+    await asyncio.gather(
+        *(sub.stop() for sub in subscribers.values()),
+        *(lane.stop(settings.graceful_timeout) for lane in lanes.values()),
+    )
     await mover.stop()  # scheduled retries stay in Redis for the next mover
     await pipeline.monitor.stop()
     await pipeline.relay.stop(flush_timeout=settings.graceful_timeout / 2)
@@ -150,6 +173,7 @@ async def on_shutdown() -> None:
 async def after_shutdown() -> None:
     """Close what on_startup opened, after the brokers stopped consuming."""
     await keepalive.stop()
+    await crash_ledger.stop()
     await pipeline.close()
     await ADAPTERS.close()
     await redis_client.aclose()
@@ -202,7 +226,7 @@ def _consumers() -> list[health.Consumer]:
     found = []
     for name, sub in subscribers.items():
         broker, source = name.split(":")[:2]
-        found.append(health.Consumer(name, sub, broker, source))
+        found.append(health.Consumer(name, lanes.get(name, sub), broker, source))
     return found
 
 

@@ -12,7 +12,7 @@ from faststream.message import StreamMessage
 
 from streams.logging import bind_message, get_logger, unbind_message
 from streams.outlets import Outlet
-from streams.pipeline import Admission, Delivery, Pipeline
+from streams.pipeline import Delivery, Pipeline
 
 log = get_logger("pipeline.middleware")
 
@@ -71,18 +71,11 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
             finally:
                 unbind_message()
 
-        async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> Any:
-            admission = await pipeline.admit(delivery)
-            if admission is Admission.REFUSED:
-                return None
-            # A suspect runs alone: if it kills the worker again, nothing else is charged.
-            isolation = pipeline.isolation
-            async with isolation.exclusive() if admission is Admission.ALONE else isolation.shared():
+        async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> None:
+            async def handle() -> None:
                 _CURRENT.set(delivery)  # this task's own context: set, never reset, gone with the task
-                try:
-                    return await call_next(msg)
-                except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                    await pipeline.fail(delivery, exc)
-                    return None
+                await call_next(msg)
+
+            await pipeline.process(delivery, handle)
 
     return PipelineMiddleware

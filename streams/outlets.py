@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from aio_pika import DeliveryMode, Message
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from faststream.message import StreamMessage
 from faststream.rabbit.publisher.usecase import RabbitPublisher
 from faststream.redis.parser import BinaryMessageFormatV1
@@ -85,7 +85,11 @@ class RabbitOutlet:
         self.events_exchange = exchange
 
     def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
-        raw = msg.raw_message
+        return self.delivered(msg.raw_message, source)
+
+    @staticmethod
+    def delivered(raw: AbstractIncomingMessage, source: str) -> Envelope:
+        """The Envelope of a message aio-pika delivered from `source`."""
         headers = _text_headers(dict(raw.headers or {}))
         body: bytes = raw.body
         message_id, correlation_id = pick_ids(headers, raw.message_id, raw.correlation_id, source, body)
@@ -158,9 +162,12 @@ class RedisOutlet:
 
     def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
         raw = msg.raw_message
-        fields: dict[bytes, bytes] = dict(raw["data"])
         entry_ids = raw.get("message_ids") or []
-        entry_id = entry_ids[0].decode() if entry_ids else None
+        return self.entry(source, entry_ids[0].decode() if entry_ids else None, dict(raw["data"]))
+
+    @staticmethod
+    def entry(source: str, entry_id: str | None, fields: dict[bytes, bytes]) -> Envelope:
+        """The Envelope of one stream entry: its id and its fields as stored."""
         data = fields.get(DATA_KEY)
         if data is not None:
             body, envelope_headers = BinaryMessageFormatV1.parse(data)

@@ -141,6 +141,21 @@ class Pipeline:
             await self.dead_letter(delivery, Failure.of(exc, FailureKind.POISON, env))
         return Admission.REFUSED
 
+    async def process(self, delivery: Delivery, handle: Callable[[], Awaitable[object]]) -> None:
+        """One delivery start to end: admit it, run `handle` (decode and `run`) beside the others or
+        alone, and classify whatever it raised. Raises only when the failure could not be handled
+        (the broker or the database is down): the consumer then leaves the message to the broker."""
+        admission = await self.admit(delivery)
+        if admission is Admission.REFUSED:
+            return
+        # A suspect runs alone: if it kills the worker again, nothing else is charged.
+        isolation = self.isolation
+        async with isolation.exclusive() if admission is Admission.ALONE else isolation.shared():
+            try:
+                await handle()
+            except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+                await self.fail(delivery, exc)
+
     async def run(self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]) -> None:
         """Run the handler of a decoded command once, and commit its outcome with the inbox entry."""
         delivery.command = cmd

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis.asyncio as aioredis
 from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker, StreamSub
 
 from handlers import completion, email
-from schemas import RequestCompletion, SendEmail
+from schemas import Event, MessageContext, RequestCompletion, SendEmail
 from streams import names, topology
-from streams.deps import MailerDep, ModelDep
+from streams.deps import ADAPTERS, MailerDep, ModelDep
 from streams.flows import COMPLETION, EMAIL
+from streams.lanes import Lane, RabbitLane, RedisLane
 from streams.middleware import current_delivery
 from streams.parsing import tolerant_redis_parser
 from streams.pipeline import Pipeline
@@ -121,3 +123,37 @@ def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, setti
         f"redis:{names.EMAIL_STREAM}:reclaim": redis_send_email_reclaim_sub,
         f"redis:{names.COMPLETION_STREAM}:reclaim": redis_complete_reclaim_sub,
     }
+
+
+async def _send_email(cmd: SendEmail, ctx: MessageContext) -> Event:
+    return await email.send_email(cmd, ctx, ADAPTERS.mailer)
+
+
+async def _complete(cmd: RequestCompletion, ctx: MessageContext) -> Event:
+    return await completion.complete(cmd, ctx, ADAPTERS.model)
+
+
+def build_lanes(pipeline: Pipeline, client: aioredis.Redis, settings: Settings) -> dict[str, Lane]:
+    """The lanes of the same routes (streams.lanes), by the name of the subscriber each replaces."""
+    if not settings.lanes:
+        return {}
+    found: list[Lane] = []
+    for flow, handler, queue, (stream, group) in (
+        (EMAIL, _send_email, names.EMAIL_QUEUE, (names.EMAIL_STREAM, names.EMAIL_GROUP)),
+        (COMPLETION, _complete, names.COMPLETION_QUEUE, (names.COMPLETION_STREAM, names.COMPLETION_GROUP)),
+    ):
+        found.append(RabbitLane(pipeline, flow, handler, queue, prefetch=settings.rabbit_prefetch))
+        found.append(
+            RedisLane(
+                pipeline,
+                flow,
+                handler,
+                client,
+                stream,
+                group,
+                count=settings.redis_read_count,
+                max_in_flight=settings.redis_max_workers,
+                block_ms=settings.redis_polling_ms,
+            )
+        )
+    return {lane.name: lane for lane in found}

@@ -88,9 +88,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1)
     alert_url: HttpUrl | None = None
 
+    # Command queues and streams are read by lanes (streams.lanes): batched reads and acks, no
+    # FastStream call chain per message. False: each message through its FastStream subscriber.
+    lanes: bool = True
     rabbit_prefetch: int = Field(64, ge=1, le=65_535)
     redis_read_count: int = Field(64, ge=1, le=10_000)
-    redis_max_workers: int = Field(16, ge=1, le=1_000)
+    # Messages of one stream handled at once (a lane's in-flight cap, FastStream's max_workers).
+    redis_max_workers: int = Field(64, ge=1, le=1_000)
     redis_polling_ms: int = Field(100, ge=1)
 
     service_name: str = "pipeline"

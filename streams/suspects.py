@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.logging import get_logger
 
@@ -60,6 +61,37 @@ class CrashLedger:
         # Every message passes here: only the counters of crashed runs may stay behind.
         self._returned = client.register_script(_RETURNED)
         self._retries: set[asyncio.Task[None]] = set()
+        # Concurrent messages share one round trip each way, as their commits share a transaction.
+        self._starts: GroupCommitter[str, None] = GroupCommitter(self._count_starts, max_batch=512)
+        self._ends: GroupCommitter[str, None] = GroupCommitter(self._count_returns, max_batch=512)
+
+    def start(self) -> None:
+        """Share round trips between concurrent messages (on the running loop)."""
+        self._starts.start()
+        self._ends.start()
+
+    async def stop(self) -> None:
+        """Send what is queued, then write each update alone."""
+        await self._starts.stop()
+        await self._ends.stop()
+
+    async def _count_starts(self, keys: Sequence[str]) -> list[None]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.incr(key)
+                pipe.expire(key, TTL_SECONDS)
+            await pipe.execute()
+        return [None] * len(keys)
+
+    async def _count_returns(self, keys: Sequence[str]) -> list[None]:
+        if len(keys) == 1:
+            await self._returned(keys=keys)
+            return [None]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                await self._returned(keys=[key], client=pipe)
+            await pipe.execute()
+        return [None] * len(keys)
 
     async def crashes(self, env: Envelope) -> int:
         """How many times a worker died inside this message's handler; 0 while Redis does not answer.
@@ -76,12 +108,8 @@ class CrashLedger:
 
     async def handler_started(self, env: Envelope) -> None:
         """Count a run of this message's handler as a crash until `handler_returned` says otherwise."""
-        key = ledger_key(env)
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, TTL_SECONDS)
-                await pipe.execute()
+            await self._starts.submit(ledger_key(env))
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
 
@@ -93,7 +121,7 @@ class CrashLedger:
         """
         key = ledger_key(env)
         try:
-            await self._returned(keys=[key])
+            await self._ends.submit(key)
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; the run is uncounted once it is back", error=repr(exc))
             task = asyncio.get_running_loop().create_task(self._retry_returned(key))

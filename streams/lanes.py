@@ -1,0 +1,361 @@
+"""Lanes: the command consumers of a running worker, reading and acknowledging in batches.
+
+FastStream dispatches every message through its own call chain (parser, decoder, middlewares,
+FastDepends, an acknowledgement each), which costs more CPU than all of the pipeline's own work
+(`make bench-profile`). A lane reads with the broker client FastStream already connected (the
+RabbitMQ connection, the Redis pool), and puts each message through the same `Pipeline.process`
+as the FastStream subscriber does, beside the others. What costs a round trip is shared by the
+messages in flight: their inbox reads and commits (group commit), their crash-ledger updates, and
+their acknowledgements (one `basic.ack` with `multiple` for a run of finished deliveries; one
+XACK for every finished entry).
+
+The FastStream subscribers stay declared (AsyncAPI, in-memory tests) and are not started for
+the command queues and streams a lane reads. The reclaiming Redis subscribers still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar, cast
+
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from redis.exceptions import RedisError, ResponseError
+
+from handlers.errors import InvalidMessageError
+from schemas import Command, Event, MessageContext
+from streams import metrics, topology
+from streams.envelope import Envelope
+from streams.groups import ensure_group
+from streams.logging import bind_message, get_logger, unbind_message
+from streams.outlets import DATA_KEY, RabbitOutlet, RedisOutlet
+from streams.pipeline import Delivery, Flow, Pipeline
+
+log = get_logger("pipeline.lanes")
+
+Handler = Callable[[Any, MessageContext], Awaitable[Event]]
+C = TypeVar("C", bound=Command)
+RETRY_SECONDS = 1.0
+
+
+class Lane(Protocol):
+    """What the app and health need of a lane."""
+
+    name: str  # e.g. `rabbit:email`, as the FastStream subscriber it stands in for
+
+    @property
+    def running(self) -> bool:
+        """True while it consumes."""
+        ...
+
+    async def start(self) -> None:
+        """Start consuming."""
+        ...
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a budget for in-flight work
+        """Stop fetching, finish what is in flight (at most `timeout` s), acknowledge it."""
+        ...
+
+
+def decode(flow: Flow[C], env: Envelope) -> C:
+    """The command in a message, decoded as FastStream would, validated by the flow's model."""
+    if env.fields is not None and DATA_KEY not in env.fields:
+        # A plain stream entry (not FastStream's envelope): its fields are the command's fields.
+        try:
+            fields = {k.decode(): v.decode() for k, v in env.fields.items()}
+        except UnicodeDecodeError as exc:
+            raise InvalidMessageError("stream entry fields are not UTF-8 text") from exc
+        return cast(C, flow.command.model_validate(fields))
+    content_type = env.headers.get("content-type")
+    if content_type and content_type != "application/octet-stream" and not content_type.startswith("application/json"):
+        raise InvalidMessageError(f"content type {content_type!r} is not JSON")
+    return cast(C, flow.command.model_validate_json(env.body))
+
+
+class _Route:
+    """One flow's handler behind the pipeline: decode, then `Pipeline.run`."""
+
+    def __init__(self, pipeline: Pipeline, flow: Flow[Any], handler: Handler) -> None:
+        self.pipeline = pipeline
+        self.flow = flow
+        self.handler = handler
+
+    async def process(self, env: Envelope) -> None:
+        """The whole life of one delivery; raises only when its failure could not be handled."""
+        delivery = Delivery(env)
+        bind_message(env.message_id, env.correlation_id, env.source)
+        monitor = self.pipeline.monitor
+        monitor.started(env.transport, env.source)
+        try:
+            await self.pipeline.process(delivery, lambda: self._run(delivery))
+        finally:
+            monitor.finished(env.transport, env.source)
+            unbind_message()
+
+    async def _run(self, delivery: Delivery) -> None:
+        cmd = decode(self.flow, delivery.envelope)
+        ctx = delivery.envelope.context
+        await self.pipeline.run(delivery, self.flow, cmd, lambda: self.handler(cmd, ctx))
+
+
+class _InFlight:
+    """The work tasks of a lane, waited for at stop."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+
+class RabbitLane:
+    """One command queue on its own channel: deliveries handled side by side, acknowledged in runs."""
+
+    def __init__(self, pipeline: Pipeline, flow: Flow[Any], handler: Handler, queue: str, *, prefetch: int) -> None:
+        self.name = f"rabbit:{queue}"
+        self.queue_name = queue
+        self.route = _Route(pipeline, flow, handler)
+        self.prefetch = prefetch
+        self._started = False
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._in_flight = _InFlight()
+        # Deliveries in arrival order with their state: None while handled, True to ack, False rejected.
+        self._order: deque[AbstractIncomingMessage] = deque()
+        self._done: dict[int, bool] = {}  # id(message) -> ack?
+        self._flush_scheduled = False
+        self._acking: set[asyncio.Task[None]] = set()
+
+    def bind(self, connection: AbstractConnection) -> None:
+        """Consume over this (FastStream's, robust) connection."""
+        self._connection = connection
+
+    async def start(self) -> None:
+        assert self._connection is not None, "bind() the lane to a connection first"
+        # A channel of its own: `multiple` acknowledgements cover this lane's deliveries only.
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        # Declared as the topology does (a no-op on the existing queue), so that the robust channel
+        # declares it again and restores this consumer after a broker restart.
+        spec = topology.command_queue(self.queue_name)
+        self._queue = await self._channel.declare_queue(
+            spec.name, durable=spec.durable, arguments=dict(spec.arguments or {})
+        )
+        self._tag = await self._queue.consume(self._on_message)
+        self._started = True
+
+    @property
+    def running(self) -> bool:
+        """Consuming: started, not stopped, and its channel open (it reopens after a reconnect)."""
+        return self._started and self._channel is not None and not self._channel.is_closed
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109
+        self._started = False
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(Exception):  # a closed channel has no consumer left to cancel
+                await self._queue.cancel(self._tag)
+            self._tag = None
+        await self._in_flight.drain(timeout)
+        self._flush()
+        if self._acking:
+            await asyncio.wait(set(self._acking), timeout=5.0)
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()  # what was not acknowledged goes back to the queue
+            self._channel = None
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._order.append(message)
+        self._in_flight.spawn(self._work(message))
+
+    async def _work(self, message: AbstractIncomingMessage) -> None:
+        env = RabbitOutlet.delivered(message, self.queue_name)
+        ack = True
+        try:
+            await self.route.process(env)
+        except Exception as exc:  # noqa: BLE001 - its failure could not be handled: the broker keeps it
+            ack = False
+            log.error("failure not handled; the message is rejected to the broker", error=repr(exc))
+        self._done[id(message)] = ack
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Acknowledge every finished delivery: each unbroken run from the oldest with one `multiple`."""
+        self._flush_scheduled = False
+        order, done = self._order, self._done
+        run_end: AbstractIncomingMessage | None = None
+        calls: list[Awaitable[None]] = []
+        while order and id(order[0]) in done:
+            message = order.popleft()
+            if done.pop(id(message)):
+                if run_end is not None and run_end.channel is not message.channel:
+                    calls.append(run_end.ack(multiple=True))  # a reconnect began a new channel
+                run_end = message
+            else:
+                if run_end is not None:
+                    calls.append(run_end.ack(multiple=True))
+                    run_end = None
+                calls.append(message.reject(requeue=False))
+        if run_end is not None:
+            calls.append(run_end.ack(multiple=True))
+        if len(done) > self.prefetch // 2:
+            # A slow delivery holds the run back: acknowledge the finished ones behind it one by one.
+            for message in list(order):
+                ok = done.pop(id(message), None)
+                if ok is not None:
+                    order.remove(message)
+                    calls.append(message.ack() if ok else message.reject(requeue=False))
+        if calls:
+            task = asyncio.ensure_future(_settle(calls))
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
+
+
+async def _settle(calls: list[Awaitable[None]]) -> None:
+    # In order: a reject must reach the broker before a `multiple` ack of a later delivery.
+    for call in calls:
+        try:
+            await call
+        except Exception as exc:  # noqa: BLE001
+            # The channel closed under it: the broker delivers those messages again; the inbox
+            # makes the second delivery a no-op.
+            log.warning("acknowledgement lost with its channel; the broker redelivers", error=repr(exc))
+
+
+class RedisLane:
+    """One command stream read by this worker's consumer: entries handled side by side, one XACK a flush."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        flow: Flow[Any],
+        handler: Handler,
+        client: aioredis.Redis,
+        stream: str,
+        group: str,
+        *,
+        count: int,
+        max_in_flight: int,
+        block_ms: int = 100,
+    ) -> None:
+        self.name = f"redis:{stream}"
+        self.stream = stream
+        self.group = group
+        self.consumer = "worker"  # set per process before start
+        self.client = client
+        self.route = _Route(pipeline, flow, handler)
+        self.count = count
+        self.block_ms = block_ms
+        self.running = False
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._in_flight = _InFlight()
+        self._to_ack: list[bytes] = []
+        self._flush_scheduled = False
+        self._acking: set[asyncio.Task[None]] = set()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._slots = asyncio.Semaphore(self._max_in_flight)
+        self.running = True
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"lane-{self.name}")
+
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109
+        self.running = False
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+            self._reader = None
+        await self._in_flight.drain(timeout)
+        self._flush()
+        if self._acking:
+            await asyncio.wait(set(self._acking), timeout=5.0)
+
+    async def _read(self) -> None:
+        while self.running:
+            free = await self._wait_for_room()
+            try:
+                answer = await self.client.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"}, count=min(self.count, free), block=self.block_ms
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self._recreate_group()
+                    continue
+                log.warning("cannot read the stream", stream=self.stream, error=repr(exc))
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            except (RedisError, OSError) as exc:
+                log.warning("cannot read the stream yet", stream=self.stream, error=repr(exc))
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            streams: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = answer or []  # type: ignore[assignment]
+            for _, entries in streams:
+                for entry_id, fields in entries:
+                    await self._slots.acquire()
+                    env = RedisOutlet.entry(self.stream, entry_id.decode(), fields)
+                    self._in_flight.spawn(self._work(env, entry_id))
+
+    async def _wait_for_room(self) -> int:
+        """Wait for a free slot; how many entries may be read now."""
+        await self._slots.acquire()
+        self._slots.release()
+        return max(self._max_in_flight - len(self._in_flight.tasks), 1)
+
+    async def _recreate_group(self) -> None:
+        while self.running:
+            try:
+                await ensure_group(self.client, self.stream, self.group)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot re-create consumer group yet", stream=self.stream, error=repr(exc))
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            metrics.GROUPS_RECREATED.labels(self.stream, self.group).inc()
+            log.warning("consumer group was lost (Redis restarted?); re-created it", stream=self.stream)
+            return
+
+    async def _work(self, env: Envelope, entry_id: bytes) -> None:
+        try:
+            await self.route.process(env)
+        except Exception as exc:  # noqa: BLE001 - left pending: the reclaiming subscriber takes it later
+            log.error("failure not handled; the entry stays pending", error=repr(exc))
+        else:
+            self._to_ack.append(entry_id)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        finally:
+            self._slots.release()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._to_ack:
+            return
+        ids, self._to_ack = self._to_ack, []
+        task = asyncio.ensure_future(self._xack(ids))
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _xack(self, ids: list[bytes]) -> None:
+        try:
+            await self.client.xack(self.stream, self.group, *ids)
+        except (RedisError, OSError) as exc:
+            # Left pending: reclaimed later, and then a duplicate the inbox skips.
+            log.warning("XACK failed; the entries stay pending", stream=self.stream, entries=len(ids), error=repr(exc))

@@ -1,0 +1,199 @@
+"""Lanes: commands decoded as FastStream decodes them, and finished deliveries acknowledged in runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, cast
+
+import pytest
+from pydantic import ValidationError
+
+from handlers.errors import InvalidMessageError
+from schemas import SendEmail
+from streams.envelope import Envelope
+from streams.flows import EMAIL
+from streams.lanes import RabbitLane, RedisLane, decode
+from streams.outlets import DATA_KEY
+
+GOOD = {"to": "a@example.com", "subject": "hi", "body": "hello"}
+
+
+def env(body: bytes = b"", content_type: str | None = None, fields: dict[bytes, bytes] | None = None) -> Envelope:
+    headers = {"content-type": content_type} if content_type else {}
+    return Envelope("rabbit", "email", "m-1", "m-1", body, headers, fields=fields)
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "application/json; charset=utf-8"])
+def test_json_commands_decode_with_or_without_a_json_content_type(content_type: str | None) -> None:
+    cmd = decode(EMAIL, env(json.dumps(GOOD).encode(), content_type))
+    assert isinstance(cmd, SendEmail)
+    assert str(cmd.to) == GOOD["to"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "error"),
+    [
+        (b"not json", None, ValidationError),  # unreadable JSON: invalid
+        (b"[1, 2]", "application/json", ValidationError),  # JSON, but not the command's shape
+        (json.dumps({**GOOD, "to": "nobody"}).encode(), None, ValidationError),  # a field fails validation
+        (json.dumps(GOOD).encode(), "text/plain", InvalidMessageError),  # FastStream hands text, not a command
+        (b"", None, ValidationError),  # empty body
+    ],
+)
+def test_every_kind_of_bad_body_raises_a_decoding_error(body: bytes, content_type: str | None, error: type) -> None:
+    with pytest.raises(error):
+        decode(EMAIL, env(body, content_type))
+
+
+def test_a_plain_stream_entry_is_read_from_its_fields() -> None:
+    fields = {k.encode(): v.encode() for k, v in GOOD.items()}
+    cmd = decode(EMAIL, env(fields=fields))
+    assert isinstance(cmd, SendEmail)
+    assert cmd.subject == "hi"
+
+
+def test_a_plain_stream_entry_that_is_not_text_is_invalid() -> None:
+    with pytest.raises(InvalidMessageError, match="UTF-8"):
+        decode(EMAIL, env(fields={b"to": b"\xff\xfe"}))
+
+
+def test_a_faststream_stream_entry_is_read_from_its_body() -> None:
+    cmd = decode(EMAIL, env(json.dumps(GOOD).encode(), fields={DATA_KEY: b"(the envelope)"}))
+    assert isinstance(cmd, SendEmail)
+    assert cmd.body == "hello"
+
+
+class FakeMessage:
+    """An aio-pika delivery that records how it was settled."""
+
+    def __init__(self, tag: int, log: list[tuple[str, int]], channel: object) -> None:
+        self.delivery_tag = tag
+        self.log = log
+        self.channel = channel
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.log.append(("ack-multiple" if multiple else "ack", self.delivery_tag))
+
+    async def reject(self, requeue: bool = False) -> None:
+        assert requeue is False
+        self.log.append(("reject", self.delivery_tag))
+
+
+def lane(prefetch: int = 64) -> RabbitLane:
+    return RabbitLane(cast(Any, None), EMAIL, cast(Any, None), "email", prefetch=prefetch)
+
+
+async def settle(lane_: RabbitLane, messages: list[FakeMessage], results: dict[int, bool]) -> None:
+    """Deliver `messages`, finish those in `results` (tag -> ack?), flush, wait for the acks."""
+    for m in messages:
+        lane_._order.append(cast(Any, m))
+    for tag, ok in results.items():
+        lane_._done[id(messages[tag - 1])] = ok
+    lane_._flush()
+    if lane_._acking:
+        await asyncio.wait(set(lane_._acking), timeout=2)
+
+
+async def test_a_run_of_finished_deliveries_is_acknowledged_with_one_multiple_ack() -> None:
+    log: list[tuple[str, int]] = []
+    lane_ = lane()
+    messages = [FakeMessage(t, log, "ch") for t in range(1, 101)]
+    await settle(lane_, messages, dict.fromkeys(range(1, 101), True))
+    assert log == [("ack-multiple", 100)]
+    assert not lane_._order
+    assert not lane_._done
+
+
+async def test_a_rejected_delivery_breaks_the_run_and_is_rejected_before_the_next_multiple_ack() -> None:
+    log: list[tuple[str, int]] = []
+    messages = [FakeMessage(t, log, "ch") for t in range(1, 7)]
+    results = dict.fromkeys(range(1, 7), True)
+    results[4] = False
+    await settle(lane(), messages, results)
+    # A `multiple` ack of 6 sent before the reject of 4 would acknowledge 4 too.
+    assert log == [("ack-multiple", 3), ("reject", 4), ("ack-multiple", 6)]
+
+
+async def test_deliveries_behind_an_unfinished_one_wait_for_it() -> None:
+    log: list[tuple[str, int]] = []
+    lane_ = lane(prefetch=64)
+    messages = [FakeMessage(t, log, "ch") for t in range(1, 11)]
+    await settle(lane_, messages, dict.fromkeys(range(2, 11), True))  # 1 still running
+    assert log == [], "nothing is acknowledged past an unfinished delivery"
+    lane_._done[id(messages[0])] = True
+    lane_._flush()
+    await asyncio.wait(set(lane_._acking), timeout=2)
+    assert log == [("ack-multiple", 10)]
+
+
+async def test_a_slow_delivery_does_not_hold_more_than_half_the_prefetch_unacknowledged() -> None:
+    log: list[tuple[str, int]] = []
+    lane_ = lane(prefetch=8)
+    messages = [FakeMessage(t, log, "ch") for t in range(1, 11)]
+    await settle(lane_, messages, dict.fromkeys(range(2, 11), True))  # 9 finished behind a slow one
+    assert sorted(log) == [("ack", t) for t in range(2, 11)]
+    assert list(lane_._order) == [cast(Any, messages[0])], "the slow one is still outstanding"
+
+
+async def test_a_reconnect_splits_the_run_by_channel() -> None:
+    log: list[tuple[str, int]] = []
+    old = [FakeMessage(t, log, "old") for t in (7, 8)]
+    new = [FakeMessage(t, log, "new") for t in (1, 2, 3)]
+    await settle(lane(), old + new, dict.fromkeys(range(1, 6), True))
+    assert log == [("ack-multiple", 8), ("ack-multiple", 3)]
+
+
+async def test_an_acknowledgement_lost_with_its_channel_is_logged_not_raised() -> None:
+    class Closed(FakeMessage):
+        async def ack(self, multiple: bool = False) -> None:
+            raise RuntimeError("channel closed")
+
+    lane_ = lane()
+    await settle(lane_, [Closed(1, [], "ch")], {1: True})
+    assert not lane_._acking
+    assert not lane_._order
+
+
+class FakeRedis:
+    """XACKs recorded; XREADGROUP answers from a list, then blocks."""
+
+    def __init__(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        self.entries = entries
+        self.acks: list[tuple[bytes, ...]] = []
+
+    async def xreadgroup(self, group: str, consumer: str, streams: dict[str, str], count: int, block: int) -> Any:
+        if not self.entries:
+            await asyncio.sleep(block / 1000)
+            return []
+        batch, self.entries = self.entries[:count], self.entries[count:]
+        return [(b"email", batch)]
+
+    async def xack(self, stream: str, group: str, *ids: bytes) -> int:
+        self.acks.append(ids)
+        return len(ids)
+
+
+async def test_a_redis_lane_acknowledges_finished_entries_together_and_leaves_failed_ones_pending() -> None:
+    entries = [(f"1-{i}".encode(), {b"n": str(i).encode()}) for i in range(10)]
+    client = FakeRedis(entries)
+    lane_ = RedisLane(
+        cast(Any, None), EMAIL, cast(Any, None), cast(Any, client), "email", "g", count=5, max_in_flight=8
+    )
+
+    class Route:
+        async def process(self, env: Envelope) -> None:
+            await asyncio.sleep(0)
+            if env.entry_id == "1-3":
+                raise RuntimeError("the database is down")
+
+    lane_.route = cast(Any, Route())
+    await lane_.start()
+    deadline = asyncio.get_running_loop().time() + 5
+    while sum(len(a) for a in client.acks) < 9:
+        assert asyncio.get_running_loop().time() < deadline, client.acks
+        await asyncio.sleep(0.01)
+    await lane_.stop(timeout=2)
+    acked = [i for batch in client.acks for i in batch]
+    assert sorted(acked) == sorted(e for e, _ in entries if e != b"1-3"), "the failed entry stays pending"
+    assert len(client.acks) < 9, "finished entries share XACKs"
