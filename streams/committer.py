@@ -63,6 +63,22 @@ class GroupCommitter(Generic[U, R]):
         self._queue.put_nowait((unit, future))
         return await future
 
+    def submit_many(self, units: Sequence[U]) -> list[asyncio.Future[R]]:
+        """Queue several units at once; one future each (no task per unit). Needs `start()`."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = []
+        for unit in units:
+            future: asyncio.Future[R] = loop.create_future()
+            self._queue.put_nowait((unit, future))
+            futures.append(future)
+        return futures
+
+    @property
+    def started(self) -> bool:
+        """True when the writer task runs on the running loop."""
+        task = self._task
+        return task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop()
+
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -28,6 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 from handlers.errors import InvalidMessageError
 from schemas import Command, Event, MessageContext
 from streams import metrics, topology
+from streams.breaker import State
 from streams.envelope import Envelope
 from streams.groups import ensure_group
 from streams.logging import bind_message, get_logger, unbind_message
@@ -39,6 +40,9 @@ log = get_logger("pipeline.lanes")
 Handler = Callable[[Any, MessageContext], Awaitable[Event]]
 C = TypeVar("C", bound=Command)
 RETRY_SECONDS = 1.0
+# Batches of one lane handled at once. Messages that arrive while they run wait for the next
+# batch: one message alone when the queue is quiet, up to the prefetch window under load.
+BATCHES_IN_FLIGHT = 4
 
 
 class Lane(Protocol):
@@ -100,6 +104,70 @@ class _Route:
         ctx = delivery.envelope.context
         await self.pipeline.run(delivery, self.flow, cmd, lambda: self.handler(cmd, ctx))
 
+    async def process_batch(self, envs: Sequence[Envelope]) -> list[bool]:
+        """Deliveries that arrived together: first deliveries that decode go through `run_batch`,
+        side by side; the rest (redelivered, oversized, undecodable, or while the breaker is not
+        closed) one by one through `process`. Per delivery: acknowledge it, or leave it to the broker."""
+        pipeline = self.pipeline
+        fast: list[tuple[Delivery, Any]] = []
+        fast_at: list[int] = []
+        slow_at: list[int] = []
+        closed = pipeline.breaker(self.flow.dependency).state is State.CLOSED
+        limit = pipeline.settings.max_body_bytes
+        for i, env in enumerate(envs):
+            if not closed or env.redeliveries or env.size > limit:
+                slow_at.append(i)
+                continue
+            try:
+                cmd = decode(self.flow, env)
+            except Exception:  # noqa: BLE001 - `process` decodes it again and dead-letters it
+                slow_at.append(i)
+                continue
+            fast.append((Delivery(env), cmd))
+            fast_at.append(i)
+        acks = [True] * len(envs)
+
+        async def one(i: int) -> None:
+            try:
+                await self.process(envs[i])
+            except Exception as exc:  # noqa: BLE001 - left to the broker
+                acks[i] = False
+                log.error("failure not handled; the message is left to the broker", error=repr(exc))
+
+        await asyncio.gather(self._fast(fast, fast_at, acks), *(one(i) for i in slow_at))
+        return acks
+
+    async def _fast(self, fast: list[tuple[Delivery, Any]], at: list[int], acks: list[bool]) -> None:
+        if not fast:
+            return
+        pipeline = self.pipeline
+        env0 = fast[0][0].envelope
+        pipeline.monitor.started(env0.transport, env0.source, len(fast))
+        try:
+            async with pipeline.isolation.shared():
+                try:
+                    results = await pipeline.run_batch(self.flow, fast, self.handler)
+                except Exception as exc:  # noqa: BLE001 - the store or the ledger failed the whole batch
+                    results = [exc] * len(fast)
+                failed = [(k, exc) for k, exc in enumerate(results) if exc is not None]
+                if failed:
+                    settled = await asyncio.gather(*(self._fail(fast[k][0], exc) for k, exc in failed))
+                    for (k, _), ok in zip(failed, settled, strict=True):
+                        acks[at[k]] = ok
+        finally:
+            pipeline.monitor.finished(env0.transport, env0.source, len(fast))
+
+    async def _fail(self, delivery: Delivery, exc: BaseException) -> bool:
+        """Classify one failure of the batch as `process` would; False when that failed too."""
+        env = delivery.envelope
+        bind_message(env.message_id, env.correlation_id, env.source)
+        try:
+            await self.pipeline.fail(delivery, exc)
+        except Exception as again:  # noqa: BLE001 - left to the broker
+            log.error("failure not handled; the message is left to the broker", error=repr(again))
+            return False
+        return True
+
 
 class _InFlight:
     """The work tasks of a lane, waited for at stop."""
@@ -114,10 +182,14 @@ class _InFlight:
         return task
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.tasks:  # a batch that ends may have started another
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                for task in self.tasks:
+                    task.cancel()
+                return
+            await asyncio.wait(set(self.tasks), timeout=left)
 
 
 class RabbitLane:
@@ -137,6 +209,8 @@ class RabbitLane:
         # Deliveries in arrival order with their state: None while handled, True to ack, False rejected.
         self._order: deque[AbstractIncomingMessage] = deque()
         self._done: dict[int, bool] = {}  # id(message) -> ack?
+        self._pending: list[AbstractIncomingMessage] = []  # arrived, waiting for a batch
+        self._batches = 0  # batches being handled
         self._flush_scheduled = False
         self._acking: set[asyncio.Task[None]] = set()
 
@@ -155,8 +229,12 @@ class RabbitLane:
         self._queue = await self._channel.declare_queue(
             spec.name, durable=spec.durable, arguments=dict(spec.arguments or {})
         )
-        self._tag = await self._queue.consume(self._on_message)
         self._started = True
+        try:
+            self._tag = await self._queue.consume(self._on_message)
+        except BaseException:
+            self._started = False
+            raise
 
     @property
     def running(self) -> bool:
@@ -180,20 +258,31 @@ class RabbitLane:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._order.append(message)
-        self._in_flight.spawn(self._work(message))
+        self._pending.append(message)
+        if self._batches < BATCHES_IN_FLIGHT and self._started:
+            self._next_batch()
 
-    async def _work(self, message: AbstractIncomingMessage) -> None:
-        env = RabbitOutlet.delivered(message, self.queue_name)
-        ack = True
+    def _next_batch(self) -> None:
+        """Handle what arrived since the last batch began, as one batch."""
+        batch, self._pending = self._pending, []
+        self._batches += 1
+        self._in_flight.spawn(self._work(batch))
+
+    async def _work(self, batch: list[AbstractIncomingMessage]) -> None:
         try:
-            await self.route.process(env)
-        except Exception as exc:  # noqa: BLE001 - its failure could not be handled: the broker keeps it
-            ack = False
-            log.error("failure not handled; the message is rejected to the broker", error=repr(exc))
-        self._done[id(message)] = ack
+            acks = await self.route.process_batch([RabbitOutlet.delivered(m, self.queue_name) for m in batch])
+        except Exception as exc:  # noqa: BLE001 - their failure could not be handled: the broker keeps them
+            acks = [False] * len(batch)
+            log.error("failure not handled; the messages are rejected to the broker", error=repr(exc))
+        finally:
+            self._batches -= 1
+        for message, ack in zip(batch, acks, strict=True):
+            self._done[id(message)] = ack
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+        if self._pending and self._batches < BATCHES_IN_FLIGHT and self._started:
+            self._next_batch()  # stopping: what has not started stays unacknowledged, for the broker
 
     def _flush(self) -> None:
         """Acknowledge every finished delivery: each unbroken run from the oldest with one `multiple`."""
@@ -263,8 +352,9 @@ class RedisLane:
         self.count = count
         self.block_ms = block_ms
         self.running = False
-        self._slots = asyncio.Semaphore(max_in_flight)
         self._max_in_flight = max_in_flight
+        self._in_use = 0  # entries read and not yet finished
+        self._room = asyncio.Event()
         self._in_flight = _InFlight()
         self._to_ack: list[bytes] = []
         self._flush_scheduled = False
@@ -272,7 +362,7 @@ class RedisLane:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._slots = asyncio.Semaphore(self._max_in_flight)
+        self._room = asyncio.Event()
         self.running = True
         self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"lane-{self.name}")
 
@@ -308,16 +398,16 @@ class RedisLane:
                 continue
             streams: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = answer or []  # type: ignore[assignment]
             for _, entries in streams:
-                for entry_id, fields in entries:
-                    await self._slots.acquire()
-                    env = RedisOutlet.entry(self.stream, entry_id.decode(), fields)
-                    self._in_flight.spawn(self._work(env, entry_id))
+                if entries:
+                    self._in_use += len(entries)
+                    self._in_flight.spawn(self._work(entries))
 
     async def _wait_for_room(self) -> int:
-        """Wait for a free slot; how many entries may be read now."""
-        await self._slots.acquire()
-        self._slots.release()
-        return max(self._max_in_flight - len(self._in_flight.tasks), 1)
+        """Wait until fewer than `max_in_flight` entries are handled; how many may be read now."""
+        while self._in_use >= self._max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        return self._max_in_flight - self._in_use
 
     async def _recreate_group(self) -> None:
         while self.running:
@@ -331,18 +421,21 @@ class RedisLane:
             log.warning("consumer group was lost (Redis restarted?); re-created it", stream=self.stream)
             return
 
-    async def _work(self, env: Envelope, entry_id: bytes) -> None:
+    async def _work(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         try:
-            await self.route.process(env)
-        except Exception as exc:  # noqa: BLE001 - left pending: the reclaiming subscriber takes it later
-            log.error("failure not handled; the entry stays pending", error=repr(exc))
-        else:
-            self._to_ack.append(entry_id)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            envs = [RedisOutlet.entry(self.stream, entry_id.decode(), fields) for entry_id, fields in entries]
+            acks = await self.route.process_batch(envs)
+        except Exception as exc:  # noqa: BLE001 - left pending: the reclaiming subscriber takes them later
+            acks = [False] * len(entries)
+            log.error("failure not handled; the entries stay pending", error=repr(exc))
         finally:
-            self._slots.release()
+            self._in_use -= len(entries)
+            self._room.set()
+        # A failure that could not be handled stays pending: the reclaiming subscriber takes it later.
+        self._to_ack.extend(entry_id for (entry_id, _), ack in zip(entries, acks, strict=True) if ack)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

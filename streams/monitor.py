@@ -48,18 +48,18 @@ class Monitor(Periodic):
             act = self.sources[(broker, source)] = SourceActivity(metrics.IN_FLIGHT.labels(broker, source))
         return act
 
-    def started(self, broker: str, source: str) -> None:
-        """A message of `source` began."""
+    def started(self, broker: str, source: str, count: int = 1) -> None:
+        """A message (or `count`) of `source` began."""
         act = self.activity(broker, source)
-        act.in_flight += 1
+        act.in_flight += count
         act.last_message_at = time.time()
         act.gauge.set(act.in_flight)
 
-    def finished(self, broker: str, source: str) -> None:
-        """A message of `source` ended (whatever its outcome)."""
+    def finished(self, broker: str, source: str, count: int = 1) -> None:
+        """A message (or `count`) of `source` ended (whatever its outcome)."""
         act = self.activity(broker, source)
-        act.in_flight = max(act.in_flight - 1, 0)
-        act.handled += 1
+        act.in_flight = max(act.in_flight - count, 0)
+        act.handled += count
         act.gauge.set(act.in_flight)
 
     async def sample(self) -> None:

@@ -9,7 +9,7 @@ attempts made or scheduled.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,11 +205,16 @@ async def _write(
     if tasks:
         if replace_existing:
             await conn.execute(delete(task_status).where(task_status.c.task_id.in_(tasks)))
-        await conn.execute(insert(task_status), [{**asdict(t), "updated_at": now} for t in tasks.values()])
+        await conn.execute(insert(task_status), [{**_fields(t), "updated_at": now} for t in tasks.values()])
     if emails:
         if replace_existing:
             await conn.execute(delete(email_log).where(email_log.c.message_id.in_(emails)))
-        await conn.execute(insert(email_log), [{**asdict(e), "updated_at": now} for e in emails.values()])
+        await conn.execute(insert(email_log), [{**_fields(e), "updated_at": now} for e in emails.values()])
+
+
+def _fields(state: TaskState | EmailState) -> dict[str, Any]:
+    """A state's fields, shallow (`dataclasses.asdict` deep-copies every value: 1M times in a rebuild)."""
+    return {name: getattr(state, name) for name in state.__dataclass_fields__}
 
 
 def _task_from_row(row: Any) -> TaskState:

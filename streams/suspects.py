@@ -41,9 +41,18 @@ RETRY_FIRST: Final = 0.2  # seconds before the first retry of a decrement Redis 
 RETRY_FOR: Final = 120.0  # and how long to keep trying (a Redis restart takes seconds)
 TTL_SECONDS: Final = 7 * 24 * 3600  # longer than any retry schedule; the key is useless after
 _RETURNED: Final = """
-local n = redis.call('DECR', KEYS[1])
-if n <= 0 then redis.call('DEL', KEYS[1]) end
-return n
+for _, key in ipairs(KEYS) do
+  local n = redis.call('DECR', key)
+  if n <= 0 then redis.call('DEL', key) end
+end
+return #KEYS
+"""
+_STARTED: Final = """
+for _, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  redis.call('EXPIRE', key, ARGV[1])
+end
+return #KEYS
 """
 
 
@@ -60,6 +69,7 @@ class CrashLedger:
         self.client = client
         # Every message passes here: only the counters of crashed runs may stay behind.
         self._returned = client.register_script(_RETURNED)
+        self._started = client.register_script(_STARTED)
         self._retries: set[asyncio.Task[None]] = set()
         # Concurrent messages share one round trip each way, as their commits share a transaction.
         self._starts: GroupCommitter[str, None] = GroupCommitter(self._count_starts, max_batch=512)
@@ -76,21 +86,12 @@ class CrashLedger:
         await self._ends.stop()
 
     async def _count_starts(self, keys: Sequence[str]) -> list[None]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.incr(key)
-                pipe.expire(key, TTL_SECONDS)
-            await pipe.execute()
+        # One command for the lot: a script over every key (a pipeline packs two commands a key).
+        await self._started(keys=list(keys), args=[TTL_SECONDS])
         return [None] * len(keys)
 
     async def _count_returns(self, keys: Sequence[str]) -> list[None]:
-        if len(keys) == 1:
-            await self._returned(keys=keys)
-            return [None]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                await self._returned(keys=[key], client=pipe)
-            await pipe.execute()
+        await self._returned(keys=list(keys))
         return [None] * len(keys)
 
     async def crashes(self, env: Envelope) -> int:
@@ -112,6 +113,25 @@ class CrashLedger:
             await self._starts.submit(ledger_key(env))
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
+
+    async def handlers_started(self, envs: Sequence[Envelope]) -> None:
+        """`handler_started` for several messages, in one round trip."""
+        try:
+            await self._count_starts([ledger_key(env) for env in envs])
+        except (RedisError, OSError) as exc:
+            log.warning("crash ledger unavailable; these runs are not counted", error=repr(exc))
+
+    async def handlers_returned(self, envs: Sequence[Envelope]) -> None:
+        """`handler_returned` for several messages, in one round trip (retried alone when refused)."""
+        keys = [ledger_key(env) for env in envs]
+        try:
+            await self._count_returns(keys)
+        except (RedisError, OSError) as exc:
+            log.warning("crash ledger unavailable; the runs are uncounted once it is back", error=repr(exc))
+            for key in keys:
+                task = asyncio.get_running_loop().create_task(self._retry_returned(key))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
 
     async def handler_returned(self, env: Envelope) -> None:
         """The handler returned or raised: this run was no crash (a counter back at zero is deleted).

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
 
-from handlers.errors import InvalidMessageError
+from handlers.errors import DeliveryRejectedError, DependencyUnavailableError, InvalidMessageError
+from handlers.models import EchoModel
 from schemas import SendEmail
+from streams import names
+from streams.deps import Adapters, install
 from streams.envelope import Envelope
 from streams.flows import EMAIL
-from streams.lanes import RabbitLane, RedisLane, decode
+from streams.lanes import RabbitLane, RedisLane, _Route, decode
 from streams.outlets import DATA_KEY
+from streams.routes import _send_email
+from tests.unit.test_pipeline import FakeMailer, Harness
+from tests.unit.test_pipeline import harness as harness  # noqa: PLC0414 - the fixture, re-exported
 
 GOOD = {"to": "a@example.com", "subject": "hi", "body": "hello"}
 
@@ -182,10 +189,9 @@ async def test_a_redis_lane_acknowledges_finished_entries_together_and_leaves_fa
     )
 
     class Route:
-        async def process(self, env: Envelope) -> None:
+        async def process_batch(self, envs: list[Envelope]) -> list[bool]:
             await asyncio.sleep(0)
-            if env.entry_id == "1-3":
-                raise RuntimeError("the database is down")
+            return [env.entry_id != "1-3" for env in envs]  # 1-3: its failure could not be handled
 
     lane_.route = cast(Any, Route())
     await lane_.start()
@@ -197,3 +203,107 @@ async def test_a_redis_lane_acknowledges_finished_entries_together_and_leaves_fa
     acked = [i for batch in client.acks for i in batch]
     assert sorted(acked) == sorted(e for e, _ in entries if e != b"1-3"), "the failed entry stays pending"
     assert len(client.acks) < 9, "finished entries share XACKs"
+
+
+# --- a batch through the pipeline (the app's pipeline, in-memory brokers, the test store) ------
+
+
+def delivered(body: bytes, mid: str | None = None, *, redeliveries: int = 0, attempt: int = 1) -> Envelope:
+    mid = mid or str(uuid.uuid4())
+    headers = {"content-type": "application/json", names.H_ATTEMPTS: str(attempt)}
+    return Envelope("rabbit", names.EMAIL_QUEUE, mid, mid, body, headers, attempt, redeliveries)
+
+
+def route(h: Harness) -> _Route:
+    return _Route(h.module.pipeline, EMAIL, _send_email)
+
+
+async def test_a_batch_sends_each_good_command_once_and_parks_each_bad_one(harness: Harness) -> None:
+    """One batch of every kind: good ones handled together, bad ones dead-lettered, all acknowledged."""
+    good = [delivered(json.dumps(GOOD).encode()) for _ in range(5)]
+    bad_json = delivered(b"{not json")
+    bad_field = delivered(json.dumps({**GOOD, "to": "nobody"}).encode())
+    redelivered = delivered(json.dumps(GOOD).encode(), redeliveries=1)  # one by one, and handled
+    acks = await route(harness).process_batch([*good, bad_json, bad_field, redelivered])
+    await harness.module.pipeline.relay.flush()
+    assert acks == [True] * 8, "every delivery is settled: handled or parked"
+    sent = {key for _, key in harness.mailer.sent}
+    assert sent == {e.message_id for e in [*good, redelivered]}
+    assert len(harness.mailer.sent) == 6, "each sent once"
+    assert {e["message_id"] for e in harness.events("rabbit", names.EMAIL_SENT)} == sent
+    parked = {env.message_id: headers[names.H_FAILURE_KIND] for env, headers in harness.dead_letters}
+    assert parked == {bad_json.message_id: "invalid", bad_field.message_id: "invalid"}
+    assert [env.body for env, _ in harness.dead_letters] == [bad_json.body, bad_field.body], "bytes intact"
+
+
+async def test_a_batch_skips_what_the_inbox_already_holds(harness: Harness) -> None:
+    """Redelivered or re-published after its outcome was committed: no second e-mail, no second event."""
+    first = delivered(json.dumps(GOOD).encode())
+    assert await route(harness).process_batch([first]) == [True]
+    again = delivered(json.dumps(GOOD).encode(), first.message_id)
+    other = delivered(json.dumps(GOOD).encode())
+    assert await route(harness).process_batch([again, other]) == [True, True]
+    await harness.module.pipeline.relay.flush()
+    assert [key for _, key in harness.mailer.sent] == [first.message_id, other.message_id]
+    assert len(harness.events("rabbit", names.EMAIL_SENT)) == 2
+
+
+async def test_a_transient_failure_in_a_batch_is_retried_through_the_broker(harness: Harness) -> None:
+    harness.mailer.error = DependencyUnavailableError("mail provider answered 503")
+    batch = [delivered(json.dumps(GOOD).encode()) for _ in range(3)]
+    assert await route(harness).process_batch(batch) == [True] * 3
+    assert sorted(env.message_id for env, _, _ in harness.retries) == sorted(e.message_id for e in batch)
+    assert all(headers[names.H_ATTEMPTS] == "2" for _, _, headers in harness.retries)
+    assert harness.dead_letters == []
+    ledger = harness.module.pipeline.crashes
+    assert all(ledger.counts[e.message_id] == 0 for e in batch), "each run counted and uncounted"
+
+
+async def test_a_fatal_failure_in_a_batch_dead_letters_that_message_only(harness: Harness) -> None:
+    class PickyMailer(FakeMailer):
+        async def send(self, mail: SendEmail, *, idempotency_key: str) -> str | None:
+            if mail.subject == "reject me":
+                raise DeliveryRejectedError("mailbox does not exist")
+            return await super().send(mail, idempotency_key=idempotency_key)
+
+    picky = PickyMailer()
+    install(Adapters(mailer=picky, model=EchoModel()))
+    ok = delivered(json.dumps(GOOD).encode())
+    rejected = delivered(json.dumps({**GOOD, "subject": "reject me"}).encode())
+    assert await route(harness).process_batch([ok, rejected]) == [True, True]
+    await harness.module.pipeline.relay.flush()
+    assert [key for _, key in picky.sent] == [ok.message_id]
+    assert [(env.message_id, h[names.H_FAILURE_KIND]) for env, h in harness.dead_letters] == [
+        (rejected.message_id, "fatal")
+    ]
+    assert [e["message_id"] for e in harness.events("rabbit", names.EMAIL_FAILED)] == [rejected.message_id]
+
+
+async def test_a_store_outage_fails_the_batch_over_to_the_failure_policy(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome commit fails for the whole batch: each message is classified alone and retried."""
+    store = harness.module.pipeline.store
+
+    async def down(units: Any) -> list[BaseException]:
+        return [ConnectionError("database is gone")] * len(units)
+
+    monkeypatch.setattr(store, "commit_many", down)
+    batch = [delivered(json.dumps(GOOD).encode()) for _ in range(2)]
+    assert await route(harness).process_batch(batch) == [True, True]
+    assert sorted(e.message_id for e, _, _ in harness.retries) == sorted(e.message_id for e in batch)
+    assert {h[names.H_EXCEPTION_TYPE] for _, _, h in harness.retries} == {"builtins.ConnectionError"}
+
+
+async def test_a_failure_that_cannot_be_handled_leaves_the_message_to_the_broker(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry cannot be scheduled either (the broker is gone too): not acknowledged, so not lost."""
+    harness.mailer.error = DependencyUnavailableError("mail provider answered 503")
+
+    async def broker_down(*_: Any) -> None:
+        raise ConnectionError("broker is gone")
+
+    monkeypatch.setattr(harness.module.rabbit_outlet, "retry_later", broker_down)
+    batch = [delivered(json.dumps(GOOD).encode()) for _ in range(2)]
+    assert await route(harness).process_batch(batch) == [False, False]
