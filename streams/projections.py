@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from streams.tables import email_log, events, task_status
@@ -160,10 +160,10 @@ async def apply(conn: AsyncConnection, batch: Sequence[Recorded]) -> None:
     tasks: dict[str, TaskState] = {}
     emails: dict[str, EmailState] = {}
     if task_ids:
-        rows = await conn.execute(select(task_status).where(task_status.c.task_id.in_(task_ids)))
+        rows = await conn.execute(_TASKS, {"ids": list(task_ids)})
         tasks = {r.task_id: _task_from_row(r._mapping) for r in rows}
     if email_ids:
-        rows = await conn.execute(select(email_log).where(email_log.c.message_id.in_(email_ids)))
+        rows = await conn.execute(_EMAILS, {"ids": list(email_ids)})
         emails = {r.message_id: _email_from_row(r._mapping) for r in rows}
     changed_tasks, changed_emails = fold(tasks, emails, batch)
     await _write(conn, {k: tasks[k] for k in changed_tasks}, {k: emails[k] for k in changed_emails})
@@ -204,12 +204,19 @@ async def _write(
     now = datetime.now(UTC)
     if tasks:
         if replace_existing:
-            await conn.execute(delete(task_status).where(task_status.c.task_id.in_(tasks)))
+            await conn.execute(_DELETE_TASKS, {"ids": list(tasks)})
         await conn.execute(insert(task_status), [{**_fields(t), "updated_at": now} for t in tasks.values()])
     if emails:
         if replace_existing:
-            await conn.execute(delete(email_log).where(email_log.c.message_id.in_(emails)))
+            await conn.execute(_DELETE_EMAILS, {"ids": list(emails)})
         await conn.execute(insert(email_log), [{**_fields(e), "updated_at": now} for e in emails.values()])
+
+
+# Built once, with expanding parameters (see streams.store).
+_TASKS = select(task_status).where(task_status.c.task_id.in_(bindparam("ids", expanding=True)))
+_EMAILS = select(email_log).where(email_log.c.message_id.in_(bindparam("ids", expanding=True)))
+_DELETE_TASKS = delete(task_status).where(task_status.c.task_id.in_(bindparam("ids", expanding=True)))
+_DELETE_EMAILS = delete(email_log).where(email_log.c.message_id.in_(bindparam("ids", expanding=True)))
 
 
 def _fields(state: TaskState | EmailState) -> dict[str, Any]:

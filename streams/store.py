@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy import bindparam, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -147,11 +147,7 @@ class EventStore:
     async def _seen_many(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
         async with self.engine.connect() as conn:
             # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
-            rows = await conn.execute(
-                select(inbox.c.consumer, inbox.c.message_id).where(
-                    inbox.c.consumer.in_({c for c, _ in keys}), inbox.c.message_id.in_({m for _, m in keys})
-                )
-            )
+            rows = await conn.execute(_IN_INBOX, _inbox_keys(keys))
             found = {(r[0], r[1]) for r in rows}
         return [key in found for key in keys]
 
@@ -221,11 +217,7 @@ class EventStore:
             # One executemany, then the positions by event id: RETURNING in parameter order makes
             # SQLAlchemy send SQLite one INSERT per row (the whole batch's cost, `make bench`).
             await conn.execute(insert(events), plan.events)
-            found = await conn.execute(
-                select(events.c.event_id, events.c.position).where(
-                    events.c.event_id.in_([row["event_id"] for row in plan.events])
-                )
-            )
+            found = await conn.execute(_POSITIONS, {"event_ids": [row["event_id"] for row in plan.events]})
             position_of: dict[str, int] = {r[0]: r[1] for r in found}
             positions = [position_of[row["event_id"]] for row in plan.events]
             await projections.apply(
@@ -288,7 +280,7 @@ class EventStore:
         if not ids:
             return
         async with self.engine.begin() as conn:
-            await conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=datetime.now(UTC)))
+            await conn.execute(_MARK_PUBLISHED, {"ids": list(ids), "now": datetime.now(UTC)})
 
     async def outbox_backlog(self) -> tuple[int, float]:
         """Unpublished rows and the age in seconds of the oldest one."""
@@ -336,21 +328,37 @@ async def _already_in_inbox(conn: AsyncConnection, units: Sequence[Commit]) -> s
     keyed = [(u.consumer, u.env.message_id) for u in units if u.consumer is not None]
     if not keyed:
         return set()
-    rows = await conn.execute(
-        select(inbox.c.consumer, inbox.c.message_id).where(
-            inbox.c.consumer.in_({c for c, _ in keyed}), inbox.c.message_id.in_({m for _, m in keyed})
-        )
-    )
+    rows = await conn.execute(_IN_INBOX, _inbox_keys(keyed))
     return {(r[0], r[1]) for r in rows}
 
 
 async def _current_versions(conn: AsyncConnection, stream_ids: set[str]) -> dict[str, int]:
-    rows = await conn.execute(
-        select(events.c.stream_id, func.max(events.c.version))
-        .where(events.c.stream_id.in_(stream_ids))
-        .group_by(events.c.stream_id)
-    )
+    rows = await conn.execute(_VERSIONS, {"stream_ids": list(stream_ids)})
     return {r[0]: int(r[1]) for r in rows}
+
+
+# Statements built once: an `in_(values)` built per call coerces every value into its own bound
+# parameter, about as costly per message as the INSERT itself; an expanding parameter is not.
+_IN_INBOX = select(inbox.c.consumer, inbox.c.message_id).where(
+    # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
+    inbox.c.consumer.in_(bindparam("consumers", expanding=True)),
+    inbox.c.message_id.in_(bindparam("message_ids", expanding=True)),
+)
+_VERSIONS = (
+    select(events.c.stream_id, func.max(events.c.version))
+    .where(events.c.stream_id.in_(bindparam("stream_ids", expanding=True)))
+    .group_by(events.c.stream_id)
+)
+_POSITIONS = select(events.c.event_id, events.c.position).where(
+    events.c.event_id.in_(bindparam("event_ids", expanding=True))
+)
+_MARK_PUBLISHED = (
+    update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(published_at=bindparam("now"))
+)
+
+
+def _inbox_keys(keys: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    return {"consumers": sorted({c for c, _ in keys}), "message_ids": sorted({m for _, m in keys})}
 
 
 def _metadata(env: Envelope) -> dict[str, Any]:
