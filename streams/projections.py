@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from streams.tables import email_log, events, task_status
 
@@ -153,7 +153,7 @@ def fold(
     return changed_tasks, changed_emails
 
 
-async def apply(conn: AsyncConnection, batch: Sequence[Recorded]) -> None:
+async def apply(conn: Any, batch: Sequence[Recorded]) -> None:
     """Fold freshly appended events into the live projection tables (same transaction)."""
     task_ids = {e.stream_id.removeprefix("completion-") for e in batch if e.stream_id.startswith("completion-")}
     email_ids = {e.stream_id.removeprefix("email-") for e in batch if e.stream_id.startswith("email-")}
@@ -195,7 +195,7 @@ async def rebuild(engine: AsyncEngine) -> tuple[int, int, int]:
 
 
 async def _write(
-    conn: AsyncConnection,
+    conn: Any,  # an AsyncConnection, or the store's inline SQLite connection (streams.store.Inline)
     tasks: dict[str, TaskState],
     emails: dict[str, EmailState],
     *,
