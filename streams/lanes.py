@@ -40,9 +40,9 @@ log = get_logger("pipeline.lanes")
 Handler = Callable[[Any, MessageContext], Awaitable[Event]]
 C = TypeVar("C", bound=Command)
 RETRY_SECONDS = 1.0
-# Batches of one lane handled at once. Messages that arrive while they run wait for the next
-# batch: one message alone when the queue is quiet, up to the prefetch window under load.
-BATCHES_IN_FLIGHT = 4
+# Batches of one lane handled at once (PIPELINE_LANE_BATCHES). Messages that arrive while they
+# run wait for the next batch: one message alone when the queue is quiet, up to the prefetch
+# window under load.
 
 
 class Lane(Protocol):
@@ -195,11 +195,14 @@ class _InFlight:
 class RabbitLane:
     """One command queue on its own channel: deliveries handled side by side, acknowledged in runs."""
 
-    def __init__(self, pipeline: Pipeline, flow: Flow[Any], handler: Handler, queue: str, *, prefetch: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, flow: Flow[Any], handler: Handler, queue: str, *, prefetch: int, batches: int = 2
+    ) -> None:
         self.name = f"rabbit:{queue}"
         self.queue_name = queue
         self.route = _Route(pipeline, flow, handler)
         self.prefetch = prefetch
+        self.batches = batches
         self._started = False
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -259,7 +262,7 @@ class RabbitLane:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._order.append(message)
         self._pending.append(message)
-        if self._batches < BATCHES_IN_FLIGHT and self._started:
+        if self._batches < self.batches and self._started:
             self._next_batch()
 
     def _next_batch(self) -> None:
@@ -281,7 +284,7 @@ class RabbitLane:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        if self._pending and self._batches < BATCHES_IN_FLIGHT and self._started:
+        if self._pending and self._batches < self.batches and self._started:
             self._next_batch()  # stopping: what has not started stays unacknowledged, for the broker
 
     def _flush(self) -> None:

@@ -142,7 +142,9 @@ def build_lanes(pipeline: Pipeline, client: aioredis.Redis, settings: Settings) 
         (EMAIL, _send_email, names.EMAIL_QUEUE, (names.EMAIL_STREAM, names.EMAIL_GROUP)),
         (COMPLETION, _complete, names.COMPLETION_QUEUE, (names.COMPLETION_STREAM, names.COMPLETION_GROUP)),
     ):
-        found.append(RabbitLane(pipeline, flow, handler, queue, prefetch=settings.rabbit_prefetch))
+        found.append(
+            RabbitLane(pipeline, flow, handler, queue, prefetch=settings.rabbit_prefetch, batches=settings.lane_batches)
+        )
         found.append(
             RedisLane(
                 pipeline,
