@@ -87,6 +87,7 @@ class Pipeline:
         self.alerter = alerter or Alerter(str(settings.alert_url) if settings.alert_url else None)
         self.outlets: dict[Transport, Outlet] = {}
         self.relay = Relay(store, self.outlets, orphaned_after=settings.outbox_orphan_seconds)
+        self.relay.listen()  # outcomes go out from memory as they are committed
         self.breakers: dict[str, Breaker] = {}
         self.monitor = Monitor()
         self.flow_of_source: dict[str, str] = {}  # queue or stream -> flow name (the inbox consumer)

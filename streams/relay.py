@@ -1,6 +1,9 @@
 """The outbox relay: publishes committed outcome events, in order, and marks them published.
 
-The relay is the only publisher of outcome events. A commit kicks it; it also wakes every
+The relay is the only publisher of outcome events. The store hands it the rows it commits
+(`listen`): they go out from memory, with their confirms awaited together, and are then marked;
+the table is read only for rows from before, rows taken over, and rows a failed publish left
+behind (before newer ones, so the order holds). A commit kicks it; it also wakes every
 `interval` to pick up what a broker outage held back, and rows other workers left behind when
 they died (after `orphaned_after`). While a broker is down the rows wait in the database; once it
 is back they go out oldest first. Rows of a dead worker are taken over by one relay, atomically
@@ -35,7 +38,7 @@ class EventPublisher(Protocol):
 
 
 class Relay:
-    """Moves outbox rows to their brokers."""
+    """Moves outbox rows to their brokers: from memory as they are committed, else from the table."""
 
     def __init__(
         self,
@@ -57,6 +60,35 @@ class Relay:
         self.published = 0
         self._claimed_at = float("-inf")
         self._stopping = False
+        # Rows the store told us of (`listen`): committed ones wait in `_ready`, in commit order;
+        # `_held` has every event id reserved or waiting, which a table read must leave alone.
+        self._listening = False
+        self._held: set[str] = set()
+        self._ready: list[PendingEvent] = []
+        self._scan = True  # read the table next: rows from before, taken over, or left by a failure
+
+    def listen(self) -> None:
+        """Publish what this relay's store commits from memory (the table is read only when needed)."""
+        self.store.listen(self)
+        self._listening = True
+
+    # -- OutboxListener -------------------------------------------------------------------
+
+    def reserve(self, rows: Sequence[PendingEvent]) -> None:
+        """About to be committed: a table read must not take them."""
+        self._held.update(r.event_id for r in rows)
+
+    def committed(self, rows: Sequence[PendingEvent]) -> None:
+        """Committed: publish them soon, from memory."""
+        if rows:
+            self._ready.extend(rows)
+            self.kick()
+
+    def abandon(self, rows: Sequence[PendingEvent]) -> None:
+        """Not committed after all."""
+        self._held.difference_update(r.event_id for r in rows)
+
+    # -- running --------------------------------------------------------------------------
 
     def kick(self) -> None:
         """Something was committed: publish soon."""
@@ -84,8 +116,9 @@ class Relay:
             log.warning("outbox not flushed at shutdown; events wait for the next worker", error=repr(exc))
 
     async def flush(self) -> None:
-        """Relay until nothing of ours is pending."""
-        while await self.relay_once(claim=False) == self.batch:
+        """Relay until nothing of ours is pending, in memory or in the table."""
+        self._scan = True
+        while await self.relay_once(claim=False) or self._ready or self._scan:
             pass
 
     async def relay_once(self, *, claim: bool = True) -> int:
@@ -96,13 +129,38 @@ class Relay:
                 taken = await self.store.claim_orphans(orphaned_after=self.orphaned_after)
                 if taken:
                     log.info("took over outbox rows of a worker that is gone", rows=taken)
-            return await self._relay_batch()
-
-    async def _relay_batch(self) -> int:
-        pending = await self.store.unpublished(limit=self.batch)
-        if not pending:
+                    self._scan = True
+            if self._scan or not self._listening:
+                # Older rows first: what a failure left, or taken over, then what is in memory.
+                done = await self._relay_table()
+                if done < self.batch:
+                    self._scan = False
+                if done:
+                    return done
+            if self._ready:
+                return await self._relay_memory()
             return 0
-        done: list[int] = []
+
+    async def _relay_table(self) -> int:
+        pending = [r for r in await self.store.unpublished(limit=self.batch) if r.event_id not in self._held]
+        return len(await self._publish(pending))
+
+    async def _relay_memory(self) -> int:
+        rows, self._ready = self._ready[: self.batch], self._ready[self.batch :]
+        try:
+            return len(await self._publish(rows))
+        except BaseException:
+            # What did not go out is in the table: read from there, in order, before the rest.
+            self._held.difference_update(r.event_id for r in self._ready)
+            self._ready.clear()
+            self._scan = True
+            raise
+        finally:
+            self._held.difference_update(r.event_id for r in rows)
+
+    async def _publish(self, pending: Sequence[PendingEvent]) -> list[str]:
+        """Publish rows in order, consecutive rows of one broker together; mark what went out."""
+        done: list[str] = []
         try:
             # Consecutive rows of one broker go out together (concurrent confirms on RabbitMQ, one
             # pipeline on Redis), in outbox order.
@@ -111,14 +169,14 @@ class Relay:
                 for row in rows:
                     faults.crash_at("before_publish", row.payload)
                 await self.outlets[transport].publish_events(rows)
-                done.extend(r.id for r in rows)
+                done.extend(r.event_id for r in rows)
                 for row in rows:
                     metrics.EVENTS_PUBLISHED.labels(row.transport, row.event_type).inc()
         finally:
             # Mark what went out even when a later run failed: it must not go out twice.
             await self.store.mark_published(done)
             self.published += len(done)
-        return len(done)
+        return done
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -128,7 +186,7 @@ class Relay:
             try:
                 # A kick (a commit) publishes our rows; orphans are looked for once per interval.
                 claim = time.monotonic() - self._claimed_at >= self.interval
-                while await self.relay_once(claim=claim) == self.batch:
+                while await self.relay_once(claim=claim) == self.batch or self._ready:
                     claim = False
             except Exception as exc:  # noqa: BLE001 - a broker or database outage: wait and try again
                 log.warning("outbox relay cannot publish yet; events wait in the outbox", error=repr(exc))

@@ -97,6 +97,23 @@ class _Plan:
     inbox: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[PendingEvent] = field(default_factory=list)  # the outbox rows, as the relay takes them
+
+
+class OutboxListener(Protocol):
+    """Learns of outbox rows around their commit (the relay, which publishes them from memory)."""
+
+    def reserve(self, rows: Sequence[PendingEvent]) -> None:
+        """These rows are about to be committed."""
+        ...
+
+    def committed(self, rows: Sequence[PendingEvent]) -> None:
+        """These rows are committed: publish them."""
+        ...
+
+    def abandon(self, rows: Sequence[PendingEvent]) -> None:
+        """These rows were not committed."""
+        ...
 
 
 class Executor(Protocol):
@@ -148,6 +165,7 @@ class EventStore:
                 make_url(url).set(drivername="sqlite"), json_serializer=_json_dumps, json_deserializer=orjson.loads
             )
             event.listen(self._inline, "connect", _sqlite_pragmas)
+        self.outbox_listener: OutboxListener | None = None
         self.committer: GroupCommitter[Commit, Committed] = GroupCommitter(self._write, max_batch, max_wait)
         # Inbox lookups of concurrent messages share one query the same way.
         self.inbox_reader: GroupCommitter[tuple[str, str], bool] = GroupCommitter(self._seen_many, max_batch)
@@ -235,21 +253,37 @@ class EventStore:
         assert done.dead_letter_id is not None
         return done.dead_letter_id
 
+    def listen(self, listener: OutboxListener) -> None:
+        """Tell `listener` of the outbox rows this store writes, around their commit."""
+        self.outbox_listener = listener
+
     async def _write(self, units: Sequence[Commit]) -> list[Committed]:
         metrics.STORE_BATCH.observe(len(units))
+        listener = self.outbox_listener
+        plan = _Plan()
         try:
             async with self._begin() as conn:
-                return await self._write_in(conn, units)
+                await self._write_in(conn, units, plan)
+                if listener is not None:
+                    listener.reserve(plan.pending)  # before the commit: no outbox read may take them
         except IntegrityError as exc:
+            if listener is not None:
+                listener.abandon(plan.pending)
             if len(units) == 1 and _is_inbox_conflict(exc):
                 return [Committed(Outcome.DUPLICATE)]
             raise ConcurrencyError(f"concurrent write: {exc.orig}") from exc
+        except BaseException:
+            if listener is not None:
+                listener.abandon(plan.pending)
+            raise
+        if listener is not None:
+            listener.committed(plan.pending)
+        return plan.results
 
-    async def _write_in(self, conn: Executor, units: Sequence[Commit]) -> list[Committed]:
+    async def _write_in(self, conn: Executor, units: Sequence[Commit], plan: _Plan) -> None:
         now = datetime.now(UTC)
         duplicates = await _already_in_inbox(conn, units)
         versions = await _current_versions(conn, {u.stream_id for u in units})
-        plan = _Plan()
         claimed: set[tuple[str, str]] = set()
         for unit in units:
             key = (unit.consumer or "", unit.env.message_id)
@@ -290,7 +324,18 @@ class EventStore:
             )
         if plan.outbox:
             await conn.execute(insert(outbox), plan.outbox)
-        return plan.results
+            plan.pending = [
+                PendingEvent(
+                    0,
+                    r["event_id"],
+                    r["transport"],
+                    r["event_type"],
+                    r["payload"],
+                    r["message_id"],
+                    r["correlation_id"],
+                )
+                for r in plan.outbox
+            ]
 
     # -- the outbox ------------------------------------------------------------------------
 
@@ -336,12 +381,12 @@ class EventStore:
             for r in rows
         ]
 
-    async def mark_published(self, ids: Sequence[int]) -> None:
-        """Record that these outbox rows reached their broker."""
-        if not ids:
+    async def mark_published(self, event_ids: Sequence[str]) -> None:
+        """Record that the outbox rows of these events reached their broker."""
+        if not event_ids:
             return
         async with self._begin() as conn:
-            await conn.execute(_MARK_PUBLISHED, {"ids": list(ids), "now": datetime.now(UTC)})
+            await conn.execute(_MARK_PUBLISHED, {"event_ids": list(event_ids), "now": datetime.now(UTC)})
 
     async def outbox_backlog(self) -> tuple[int, float]:
         """Unpublished rows and the age in seconds of the oldest one."""
@@ -414,7 +459,9 @@ _POSITIONS = select(events.c.event_id, events.c.position).where(
     events.c.event_id.in_(bindparam("event_ids", expanding=True))
 )
 _MARK_PUBLISHED = (
-    update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(published_at=bindparam("now"))
+    update(outbox)
+    .where(outbox.c.event_id.in_(bindparam("event_ids", expanding=True)))
+    .values(published_at=bindparam("now"))
 )
 
 

@@ -270,3 +270,72 @@ async def test_stop_while_a_batch_is_in_flight_publishes_each_row_once(store: Ev
 
     assert await store.unpublished() == []
     assert broker.event_ids == ids
+
+
+# --- from memory: the rows the store commits go out without reading the outbox table -----------
+
+
+class CountingStore:
+    """Counts the relay's reads of the outbox table."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.reads = 0
+        original = store.unpublished
+
+        async def unpublished(*, limit: int = 500) -> list[PendingEvent]:
+            self.reads += 1
+            return await original(limit=limit)
+
+        store.unpublished = unpublished  # type: ignore[method-assign]
+
+
+async def test_committed_rows_go_out_from_memory_in_commit_order(store: EventStore) -> None:
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    assert await relay.relay_once() == 0  # the first pass reads the table once: rows from before
+    reads = CountingStore(store)
+    ids = await commit_events(store, 6)
+    assert await relay.relay_once() == 6
+    assert broker.event_ids == ids
+    assert reads.reads == 0, "published from memory, not read back"
+    assert await store.unpublished() == [], "and marked published"
+    assert await relay.relay_once() == 0
+    assert broker.event_ids == ids, "nothing twice"
+
+
+async def test_a_failed_publish_from_memory_is_read_back_in_order_before_newer_rows(store: EventStore) -> None:
+    broker = FakeBroker(down_for={3})
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    await relay.relay_once()
+    first = await commit_events(store, 4)
+    with pytest.raises(BrokerDownError):
+        await relay.relay_once()
+    assert broker.event_ids == first[:2], "what went out before the failure stays out"
+    later = await commit_events(store, 2)
+    await relay.flush()
+    assert broker.event_ids == first + later, "the rest once each, the older ones first"
+    assert await store.unpublished() == []
+
+
+async def test_a_table_read_leaves_rows_being_committed_to_memory(store: EventStore) -> None:
+    """A row reserved (its transaction not yet committed) or waiting in memory is not read from the table."""
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    ids = await commit_events(store, 3)  # in memory now
+    relay._scan = True  # as after taking over another worker's rows
+    assert await relay.relay_once(claim=False) == 3  # the table read found only held rows; memory went
+    assert broker.event_ids == ids, "each once"
+
+
+async def test_flush_publishes_memory_and_table(store: EventStore) -> None:
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets(), batch=2)
+    ids = await commit_events(store, 3)  # before listening: only in the table
+    relay.listen()
+    ids += await commit_events(store, 3)  # in memory
+    await relay.flush()
+    assert broker.event_ids == ids
+    assert await store.unpublished() == []

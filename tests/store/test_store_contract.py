@@ -307,10 +307,10 @@ async def test_outbox_returns_unpublished_rows_oldest_first(store: EventStore) -
     assert json.loads(pending[0].payload) == json.loads(published[0].model_dump_json())
     assert [p.id for p in await store.unpublished(limit=2)] == [p.id for p in pending[:2]]
 
-    await store.mark_published([pending[0].id, pending[2].id])
+    await store.mark_published([pending[0].event_id, pending[2].event_id])
     assert [p.id for p in await store.unpublished()] == [pending[1].id, pending[3].id]
     await store.mark_published([])
-    await store.mark_published([p.id for p in pending])
+    await store.mark_published([p.event_id for p in pending])
     assert await store.unpublished() == []
 
 
@@ -329,7 +329,7 @@ async def test_outbox_backlog_counts_and_ages(store: EventStore) -> None:
     assert count == 4
     assert age >= 120.0
 
-    await store.mark_published([p.id for p in await store.unpublished()])
+    await store.mark_published([p.event_id for p in await store.unpublished()])
     assert await store.outbox_backlog() == (0, 0.0)
 
 
