@@ -40,6 +40,8 @@ log = get_logger("pipeline.lanes")
 Handler = Callable[[Any, MessageContext], Awaitable[Event]]
 C = TypeVar("C", bound=Command)
 RETRY_SECONDS = 1.0
+# A second batch starts beside a running one that has run this long (a slow handler).
+HOLD_SECONDS = 0.05
 # Batches of one lane handled at once (PIPELINE_LANE_BATCHES). Messages that arrive while they
 # run wait for the next batch: one message alone when the queue is quiet, up to the prefetch
 # window under load.
@@ -214,6 +216,8 @@ class RabbitLane:
         self._done: dict[int, bool] = {}  # id(message) -> ack?
         self._pending: list[AbstractIncomingMessage] = []  # arrived, waiting for a batch
         self._batches = 0  # batches being handled
+        self._running_since = 0.0  # when the running batch began (about: see _work)
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._acking: set[asyncio.Task[None]] = set()
 
@@ -262,12 +266,33 @@ class RabbitLane:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._order.append(message)
         self._pending.append(message)
-        if self._batches < self.batches and self._started:
+        self._maybe_next_batch()
+
+    def _maybe_next_batch(self) -> None:
+        """Start a batch when none runs; beside a running one only when enough waits, or it is slow.
+
+        Under load each batch takes what arrived during the one before (the window fills, the
+        CPU per message falls); two small batches side by side would each pay a transaction. A
+        slow handler (an LLM call) does not hold the others up for longer than `HOLD_SECONDS`.
+        """
+        if not self._pending or not self._started or self._batches >= self.batches:
+            return
+        loop = asyncio.get_running_loop()
+        held = loop.time() - self._running_since if self._batches else 0.0
+        if not self._batches or len(self._pending) >= self.prefetch // 2 or held >= HOLD_SECONDS:
             self._next_batch()
+        elif self._hold_timer is None:
+            self._hold_timer = loop.call_later(HOLD_SECONDS - held, self._hold_over)
+
+    def _hold_over(self) -> None:
+        self._hold_timer = None
+        self._maybe_next_batch()
 
     def _next_batch(self) -> None:
         """Handle what arrived since the last batch began, as one batch."""
         batch, self._pending = self._pending, []
+        if not self._batches:
+            self._running_since = asyncio.get_running_loop().time()
         self._batches += 1
         self._in_flight.spawn(self._work(batch))
 
@@ -279,13 +304,13 @@ class RabbitLane:
             log.error("failure not handled; the messages are rejected to the broker", error=repr(exc))
         finally:
             self._batches -= 1
+            self._running_since = asyncio.get_running_loop().time()  # the other one's age is unknown: from now
         for message, ack in zip(batch, acks, strict=True):
             self._done[id(message)] = ack
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        if self._pending and self._batches < self.batches and self._started:
-            self._next_batch()  # stopping: what has not started stays unacknowledged, for the broker
+        self._maybe_next_batch()  # stopping: what has not started stays unacknowledged, for the broker
 
     def _flush(self) -> None:
         """Acknowledge every finished delivery: each unbroken run from the oldest with one `multiple`."""

@@ -165,8 +165,14 @@ async def apply(conn: Any, batch: Sequence[Recorded]) -> None:
     if email_ids:
         rows = await conn.execute(_EMAILS, {"ids": list(email_ids)})
         emails = {r.message_id: _email_from_row(r._mapping) for r in rows}
+    stored_tasks, stored_emails = set(tasks), set(emails)  # rows to replace; the rest are new
     changed_tasks, changed_emails = fold(tasks, emails, batch)
-    await _write(conn, {k: tasks[k] for k in changed_tasks}, {k: emails[k] for k in changed_emails})
+    await _write(
+        conn,
+        {k: tasks[k] for k in changed_tasks},
+        {k: emails[k] for k in changed_emails},
+        replace=(stored_tasks & changed_tasks, stored_emails & changed_emails),
+    )
 
 
 async def rebuild(engine: AsyncEngine) -> tuple[int, int, int]:
@@ -190,7 +196,7 @@ async def rebuild(engine: AsyncEngine) -> tuple[int, int, int]:
     async with engine.begin() as conn:
         await conn.execute(delete(task_status))
         await conn.execute(delete(email_log))
-        await _write(conn, tasks, emails, replace_existing=False)
+        await _write(conn, tasks, emails)
     return seen, len(tasks), len(emails)
 
 
@@ -199,16 +205,17 @@ async def _write(
     tasks: dict[str, TaskState],
     emails: dict[str, EmailState],
     *,
-    replace_existing: bool = True,
+    replace: tuple[set[str], set[str]] = (set(), set()),
 ) -> None:
+    """Insert these states, first deleting the stored rows named in `replace` (task ids, message ids)."""
     now = datetime.now(UTC)
     if tasks:
-        if replace_existing:
-            await conn.execute(_DELETE_TASKS, {"ids": list(tasks)})
+        if replace[0]:
+            await conn.execute(_DELETE_TASKS, {"ids": list(replace[0])})
         await conn.execute(insert(task_status), [{**_fields(t), "updated_at": now} for t in tasks.values()])
     if emails:
-        if replace_existing:
-            await conn.execute(_DELETE_EMAILS, {"ids": list(emails)})
+        if replace[1]:
+            await conn.execute(_DELETE_EMAILS, {"ids": list(replace[1])})
         await conn.execute(insert(email_log), [{**_fields(e), "updated_at": now} for e in emails.values()])
 
 
