@@ -32,6 +32,10 @@ log = get_logger("pipeline")
 C = TypeVar("C", bound=Command)
 
 
+# Handlers of one batch running at once: a crash charges each of them (streams.suspects).
+HANDLERS_AT_ONCE = 16
+
+
 class Admission(Enum):
     """What `Pipeline.admit` decided for a delivery."""
 
@@ -245,16 +249,27 @@ class Pipeline:
         batch: Sequence[tuple[Delivery, C]],
         handler: Callable[[C, MessageContext], Awaitable[Event]],
     ) -> list[Event | BaseException]:
-        """The handlers, concurrently, counted in the crash ledger, reported to the breaker."""
-        envs = [d.envelope for d, _ in batch]
+        """The handlers, at most `HANDLERS_AT_ONCE` at a time, counted in the crash ledger, reported to the breaker.
+
+        A worker that dies charges a crash to every handler running at that moment: the bound
+        keeps the innocent neighbours of a poison message few (each then runs alone once). The
+        ledger updates of the handlers running together still share round trips.
+        """
         ledger = self.crashes
-        if ledger is not None:
-            await ledger.handlers_started(envs)
-        for env in envs:
-            faults.crash_at("before_handler", env.body)
-        outcomes = await asyncio.gather(*(handler(cmd, d.envelope.context) for d, cmd in batch), return_exceptions=True)
-        if ledger is not None:
-            await ledger.handlers_returned(envs)
+        slots = asyncio.Semaphore(HANDLERS_AT_ONCE)
+
+        async def one(env: Envelope, cmd: C) -> Event:
+            async with slots:
+                if ledger is not None:
+                    await ledger.handler_started(env)
+                faults.crash_at("before_handler", env.body)
+                try:
+                    return await handler(cmd, env.context)
+                finally:
+                    if ledger is not None:
+                        await ledger.handler_returned(env)
+
+        outcomes = await asyncio.gather(*(one(d.envelope, cmd) for d, cmd in batch), return_exceptions=True)
         breaker = self.breaker(flow.dependency)
         if any(not isinstance(o, BaseException) for o in outcomes):
             await breaker.success()

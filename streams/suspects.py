@@ -114,25 +114,6 @@ class CrashLedger:
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
 
-    async def handlers_started(self, envs: Sequence[Envelope]) -> None:
-        """`handler_started` for several messages, in one round trip."""
-        try:
-            await self._count_starts([ledger_key(env) for env in envs])
-        except (RedisError, OSError) as exc:
-            log.warning("crash ledger unavailable; these runs are not counted", error=repr(exc))
-
-    async def handlers_returned(self, envs: Sequence[Envelope]) -> None:
-        """`handler_returned` for several messages, in one round trip (retried alone when refused)."""
-        keys = [ledger_key(env) for env in envs]
-        try:
-            await self._count_returns(keys)
-        except (RedisError, OSError) as exc:
-            log.warning("crash ledger unavailable; the runs are uncounted once it is back", error=repr(exc))
-            for key in keys:
-                task = asyncio.get_running_loop().create_task(self._retry_returned(key))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
-
     async def handler_returned(self, env: Envelope) -> None:
         """The handler returned or raised: this run was no crash (a counter back at zero is deleted).
 

@@ -124,11 +124,3 @@ class CountingLedger:
 
     async def handler_returned(self, env: Envelope) -> None:
         self.counts[env.message_id] -= 1
-
-    async def handlers_started(self, envs: list[Envelope]) -> None:
-        for env in envs:
-            await self.handler_started(env)
-
-    async def handlers_returned(self, envs: list[Envelope]) -> None:
-        for env in envs:
-            await self.handler_returned(env)

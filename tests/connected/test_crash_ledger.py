@@ -51,20 +51,6 @@ async def test_runs_that_never_returned_add_up_and_expire(client: aioredis.Redis
     await client.delete(ledger_key(env))
 
 
-async def test_a_batch_is_counted_and_uncounted_in_one_round_trip_each(client: aioredis.Redis) -> None:
-    ledger = CrashLedger(client)
-    envs = [envelope() for _ in range(50)]
-    crashed = envelope()
-    await ledger.handler_started(crashed)  # an earlier crash of another message stays counted
-    await ledger.handlers_started(envs)
-    assert [await ledger.crashes(e) for e in envs] == [1] * 50, "each counted while the batch runs"
-    assert 0 < await client.ttl(ledger_key(envs[0])) <= TTL_SECONDS
-    await ledger.handlers_returned(envs)
-    assert await client.exists(*(ledger_key(e) for e in envs)) == 0, "a batch that returned leaves no key"
-    assert await ledger.crashes(crashed) == 1
-    await client.delete(ledger_key(crashed))
-
-
 async def test_concurrent_runs_share_round_trips_when_started(client: aioredis.Redis) -> None:
     ledger = CrashLedger(client)
     ledger.start()
