@@ -306,7 +306,7 @@ class Pipeline:
                 faults.crash_at("after_commit", env.body)
                 log.info("handled", event_type=outcome.TYPE, attempt=env.attempt, **_ids(env))
         if units:
-            self.relay.kick()
+            await self.relay.publish_committed()
 
     async def _through_breaker(self, dependency: str, env: Envelope, handle: Callable[[], Awaitable[Event]]) -> Event:
         """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""

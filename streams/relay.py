@@ -121,6 +121,16 @@ class Relay:
         while await self.relay_once(claim=False) or self._ready or self._scan:
             pass
 
+    async def publish_committed(self) -> None:
+        """Publish what is committed and waiting, now: a lane that waits for its outcomes cannot
+        commit faster than they go out (the backlog would grow in memory while the loop is busy)."""
+        try:
+            while self._ready:
+                await self.relay_once(claim=False)
+        except Exception as exc:  # noqa: BLE001 - committed: the background relay publishes them later
+            log.warning("outcomes not published yet; the relay retries", error=repr(exc))
+            self.kick()
+
     async def relay_once(self, *, claim: bool = True) -> int:
         """Publish one batch in order (first taking over orphaned rows, with `claim`); returns how many."""
         async with self._lock:
