@@ -189,23 +189,14 @@ class EventStore:
             self._inline.dispose()
 
     @contextlib.asynccontextmanager
-    async def _begin(self) -> AsyncIterator[Executor]:
-        """A transaction on the hot path: inline on SQLite, asynchronous on PostgreSQL."""
+    async def _hot(self, *, transaction: bool) -> AsyncIterator[Executor]:
+        """A connection on the hot path, in a transaction or for reads: inline on SQLite,
+        asynchronous on PostgreSQL."""
         if self._inline is not None:
-            with self._inline.begin() as conn:
+            with self._inline.begin() if transaction else self._inline.connect() as conn:
                 yield Inline(conn)
         else:
-            async with self.engine.begin() as aconn:
-                yield aconn
-
-    @contextlib.asynccontextmanager
-    async def _connect(self) -> AsyncIterator[Executor]:
-        """A connection for reads on the hot path (see `_begin`)."""
-        if self._inline is not None:
-            with self._inline.connect() as conn:
-                yield Inline(conn)
-        else:
-            async with self.engine.connect() as aconn:
+            async with self.engine.begin() if transaction else self.engine.connect() as aconn:
                 yield aconn
 
     async def ping(self) -> bool:
@@ -224,7 +215,7 @@ class EventStore:
         return await self.inbox_reader.submit((consumer, message_id))
 
     async def _seen_many(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
-        async with self._connect() as conn:
+        async with self._hot(transaction=False) as conn:
             # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
             rows = await conn.execute(_IN_INBOX, _inbox_keys(keys))
             found = {(r[0], r[1]) for r in rows}
@@ -262,7 +253,7 @@ class EventStore:
         listener = self.outbox_listener
         plan = _Plan()
         try:
-            async with self._begin() as conn:
+            async with self._hot(transaction=True) as conn:
                 await self._write_in(conn, units, plan)
                 if listener is not None:
                     listener.reserve(plan.pending)  # before the commit: no outbox read may take them
@@ -346,7 +337,7 @@ class EventStore:
         UPDATE is atomic), and no other relay takes them from it while it publishes them.
         """
         now = datetime.now(UTC)
-        async with self._begin() as conn:
+        async with self._hot(transaction=True) as conn:
             result = await conn.execute(
                 update(outbox)
                 .where(
@@ -366,7 +357,7 @@ class EventStore:
             .order_by(outbox.c.id)
             .limit(limit)
         )
-        async with self._connect() as conn:
+        async with self._hot(transaction=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [
             PendingEvent(
@@ -385,7 +376,7 @@ class EventStore:
         """Record that the outbox rows of these events reached their broker."""
         if not event_ids:
             return
-        async with self._begin() as conn:
+        async with self._hot(transaction=True) as conn:
             await conn.execute(_MARK_PUBLISHED, {"event_ids": list(event_ids), "now": datetime.now(UTC)})
 
     async def outbox_backlog(self) -> tuple[int, float]:
