@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, bindparam, delete, insert, select, type_coerce
+from sqlalchemy import Text, bindparam, delete, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from streams.sql import CoreStatements, Statements
 from streams.tables import email_log, events, task_status
 
 TERMINAL_TASK = frozenset({"succeeded", "failed"})
@@ -168,22 +169,20 @@ def fold(
     return changed_tasks, changed_emails
 
 
-async def apply(conn: Any, batch: Sequence[Recorded]) -> None:
+async def apply(sql: Statements, batch: Sequence[Recorded]) -> None:
     """Fold freshly appended events into the live projection tables (same transaction)."""
     task_ids = {e.stream_id.removeprefix("completion-") for e in batch if e.stream_id.startswith("completion-")}
     email_ids = {e.stream_id.removeprefix("email-") for e in batch if e.stream_id.startswith("email-")}
     tasks: dict[str, TaskState] = {}
     emails: dict[str, EmailState] = {}
     if task_ids:
-        rows = await conn.execute(_TASKS, {"ids": list(task_ids)})
-        tasks = {r.task_id: _task_from_row(r._mapping) for r in rows}
+        tasks = {r[0]: TaskState(*r) for r in await sql.by_key(task_status, task_ids, _TASK_FIELDS)}
     if email_ids:
-        rows = await conn.execute(_EMAILS, {"ids": list(email_ids)})
-        emails = {r.message_id: _email_from_row(r._mapping) for r in rows}
+        emails = {r[0]: EmailState(*r) for r in await sql.by_key(email_log, email_ids, _EMAIL_FIELDS)}
     stored_tasks, stored_emails = set(tasks), set(emails)  # rows to replace; the rest are new
     changed_tasks, changed_emails = fold(tasks, emails, batch)
     await _write(
-        conn,
+        sql,
         {k: tasks[k] for k in changed_tasks},
         {k: emails[k] for k in changed_emails},
         replace=(stored_tasks & changed_tasks, stored_emails & changed_emails),
@@ -211,12 +210,12 @@ async def rebuild(engine: AsyncEngine) -> tuple[int, int, int]:
     async with engine.begin() as conn:
         await conn.execute(delete(task_status))
         await conn.execute(delete(email_log))
-        await _write(conn, tasks, emails)
+        await _write(CoreStatements(conn), tasks, emails)
     return seen, len(tasks), len(emails)
 
 
 async def _write(
-    conn: Any,  # an AsyncConnection, or the store's inline SQLite connection (streams.store.Inline)
+    sql: Statements,
     tasks: dict[str, TaskState],
     emails: dict[str, EmailState],
     *,
@@ -225,26 +224,21 @@ async def _write(
     """Insert these states, first deleting the stored rows named in `replace` (task ids, message ids)."""
     now = datetime.now(UTC)
     if tasks:
-        if replace[0]:
-            await conn.execute(_DELETE_TASKS, {"ids": list(replace[0])})
-        await conn.execute(insert(task_status), [{**_fields(t), "updated_at": now} for t in tasks.values()])
+        await sql.delete_by_key(task_status, replace[0])
+        await sql.insert(task_status, [{**_fields(t), "updated_at": now} for t in tasks.values()])
     if emails:
-        if replace[1]:
-            await conn.execute(_DELETE_EMAILS, {"ids": list(replace[1])})
-        await conn.execute(insert(email_log), [{**_fields(e), "updated_at": now} for e in emails.values()])
+        await sql.delete_by_key(email_log, replace[1])
+        await sql.insert(email_log, [{**_fields(e), "updated_at": now} for e in emails.values()])
 
 
-# Built once, with expanding parameters (see streams.store).
 _REBUILD_CHUNK = (
     select(events.c.position, events.c.stream_id, events.c.type, type_coerce(events.c.data, Text))
     .where(events.c.position > bindparam("after"))
     .order_by(events.c.position)
     .limit(REBUILD_CHUNK)
 )
-_TASKS = select(task_status).where(task_status.c.task_id.in_(bindparam("ids", expanding=True)))
-_EMAILS = select(email_log).where(email_log.c.message_id.in_(bindparam("ids", expanding=True)))
-_DELETE_TASKS = delete(task_status).where(task_status.c.task_id.in_(bindparam("ids", expanding=True)))
-_DELETE_EMAILS = delete(email_log).where(email_log.c.message_id.in_(bindparam("ids", expanding=True)))
+_TASK_FIELDS = tuple(TaskState.__dataclass_fields__)  # in the order of TaskState(...)
+_EMAIL_FIELDS = tuple(EmailState.__dataclass_fields__)
 
 
 def _parsed(data: str | dict[str, Any]) -> dict[str, Any]:
@@ -255,11 +249,3 @@ def _parsed(data: str | dict[str, Any]) -> dict[str, Any]:
 def _fields(state: TaskState | EmailState) -> dict[str, Any]:
     """A state's fields, shallow (`dataclasses.asdict` deep-copies every value: 1M times in a rebuild)."""
     return {name: getattr(state, name) for name in state.__dataclass_fields__}
-
-
-def _task_from_row(row: Any) -> TaskState:
-    return TaskState(**{k: row[k] for k in TaskState.__dataclass_fields__})
-
-
-def _email_from_row(row: Any) -> EmailState:
-    return EmailState(**{k: row[k] for k in EmailState.__dataclass_fields__})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, make_url, select, text, update
+from sqlalchemy import event, func, make_url, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -28,6 +29,7 @@ from streams import metrics, projections
 from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.failures import Failure
+from streams.sql import CoreStatements, SqliteStatements, Statements, json_dumps
 from streams.tables import dead_letters, email_log, events, inbox, metadata, outbox, task_status
 
 
@@ -116,35 +118,6 @@ class OutboxListener(Protocol):
         ...
 
 
-class Executor(Protocol):
-    """What the store's statements need of a connection: SQLAlchemy's AsyncConnection, or `Inline`."""
-
-    async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        """Run one statement."""
-        ...
-
-    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
-        """Run one statement; its first column of its first row."""
-        ...
-
-
-class Inline:
-    """A synchronous connection behind the awaitable calls of `Executor`: runs on the loop, at once."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        """Run one statement."""
-        return self.conn.execute(statement, parameters)
-
-    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
-        """Run one statement; its first column of its first row."""
-        return self.conn.scalar(statement, parameters)
-
-
 class EventStore:
     """SQLite (WAL) by default, PostgreSQL via asyncpg; concurrent commits share transactions."""
 
@@ -152,19 +125,18 @@ class EventStore:
         self.url = url
         self.owner = owner
         self.engine: AsyncEngine = create_async_engine(
-            url, pool_pre_ping=True, json_serializer=_json_dumps, json_deserializer=orjson.loads
+            url, pool_pre_ping=True, json_serializer=json_dumps, json_deserializer=orjson.loads
         )
-        # SQLite's hot path (group commit, inbox reads, the outbox) runs inline on the event loop:
-        # a statement takes microseconds, its hand-off to aiosqlite's thread and back took
-        # milliseconds (a commit of one message: 20-38 ms at 100 msg/s, `make bench`), and the GIL
-        # contention with it. PostgreSQL (asyncpg) is asynchronous by nature and stays so.
-        self._inline: Engine | None = None
+        # SQLite's hot path (group commit, inbox reads, the outbox) runs inline on the event loop,
+        # on a sqlite3 connection of its own (`streams.sql.SqliteStatements`): a statement takes
+        # microseconds, its hand-off to aiosqlite's thread and back took milliseconds (a commit of
+        # one message: 20-38 ms at 100 msg/s, `make bench`), and the GIL contention with it.
+        # PostgreSQL (asyncpg) is asynchronous by nature and stays on SQLAlchemy.
+        self._sqlite_path: str | None = None
+        self._sqlite: sqlite3.Connection | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            self._inline = create_engine(
-                make_url(url).set(drivername="sqlite"), json_serializer=_json_dumps, json_deserializer=orjson.loads
-            )
-            event.listen(self._inline, "connect", _sqlite_pragmas)
+            self._sqlite_path = make_url(url).database or ":memory:"
         self.outbox_listener: OutboxListener | None = None
         self.committer: GroupCommitter[Commit, Committed] = GroupCommitter(self._write, max_batch, max_wait)
         # Inbox lookups of concurrent messages share one query the same way.
@@ -185,19 +157,45 @@ class EventStore:
         await self.inbox_reader.stop()
         await self.committer.stop()
         await self.engine.dispose()
-        if self._inline is not None:
-            self._inline.dispose()
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
 
     @contextlib.asynccontextmanager
-    async def _hot(self, *, transaction: bool) -> AsyncIterator[Executor]:
-        """A connection on the hot path, in a transaction or for reads: inline on SQLite,
+    async def _hot(self, *, transaction: bool) -> AsyncIterator[Statements]:
+        """The hot path's statements, in a transaction or for reads: inline on SQLite,
         asynchronous on PostgreSQL."""
-        if self._inline is not None:
-            with self._inline.begin() if transaction else self._inline.connect() as conn:
-                yield Inline(conn)
-        else:
+        if self._sqlite_path is None:
             async with self.engine.begin() if transaction else self.engine.connect() as aconn:
-                yield aconn
+                yield CoreStatements(aconn)
+            return
+        db = self._sqlite_connection()
+        if not transaction:
+            yield SqliteStatements(db)
+            return
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: reads then writes cannot deadlock
+        try:
+            yield SqliteStatements(db)
+        except BaseException:
+            self._rollback(db)
+            raise
+        db.execute("COMMIT")
+
+    def _sqlite_connection(self) -> sqlite3.Connection:
+        if self._sqlite is None:
+            assert self._sqlite_path is not None
+            # isolation_level=None: no implicit transactions, `_hot` says BEGIN and COMMIT itself.
+            db = sqlite3.connect(self._sqlite_path, isolation_level=None, check_same_thread=False)
+            _sqlite_pragmas(db, None)
+            self._sqlite = db
+        return self._sqlite
+
+    def _rollback(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:  # the connection is unusable (or no transaction is open): start afresh
+            db.close()
+            self._sqlite = None
 
     async def ping(self) -> bool:
         """True when the database answers."""
@@ -215,10 +213,8 @@ class EventStore:
         return await self.inbox_reader.submit((consumer, message_id))
 
     async def _seen_many(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
-        async with self._hot(transaction=False) as conn:
-            # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
-            rows = await conn.execute(_IN_INBOX, _inbox_keys(keys))
-            found = {(r[0], r[1]) for r in rows}
+        async with self._hot(transaction=False) as sql:
+            found = await sql.inbox_has(keys)
         return [key in found for key in keys]
 
     async def seen_many(self, consumer: str, message_ids: Sequence[str]) -> list[bool]:
@@ -257,12 +253,12 @@ class EventStore:
                 await self._write_in(conn, units, plan)
                 if listener is not None:
                     listener.reserve(plan.pending)  # before the commit: no outbox read may take them
-        except IntegrityError as exc:
+        except (IntegrityError, sqlite3.IntegrityError) as exc:
             if listener is not None:
                 listener.abandon(plan.pending)
             if len(units) == 1 and _is_inbox_conflict(exc):
                 return [Committed(Outcome.DUPLICATE)]
-            raise ConcurrencyError(f"concurrent write: {exc.orig}") from exc
+            raise ConcurrencyError(f"concurrent write: {_reason(exc)}") from exc
         except BaseException:
             if listener is not None:
                 listener.abandon(plan.pending)
@@ -271,10 +267,10 @@ class EventStore:
             listener.committed(plan.pending)
         return plan.results
 
-    async def _write_in(self, conn: Executor, units: Sequence[Commit], plan: _Plan) -> None:
+    async def _write_in(self, sql: Statements, units: Sequence[Commit], plan: _Plan) -> None:
         now = datetime.now(UTC)
-        duplicates = await _already_in_inbox(conn, units)
-        versions = await _current_versions(conn, {u.stream_id for u in units})
+        duplicates = await sql.inbox_has([(u.consumer, u.env.message_id) for u in units if u.consumer is not None])
+        versions = await sql.versions({u.stream_id for u in units})
         claimed: set[tuple[str, str]] = set()
         for unit in units:
             key = (unit.consumer or "", unit.env.message_id)
@@ -291,30 +287,25 @@ class EventStore:
                     plan.outbox.append(_outbox_row(unit, ev, self.owner, now))
             dead_letter_id = None
             if unit.dead_letter is not None:
-                dead_letter_id = await conn.scalar(
-                    insert(dead_letters)
-                    .values(_dead_letter_row(unit.env, unit.dead_letter))
-                    .returning(dead_letters.c.id)
+                dead_letter_id = await sql.insert_returning_id(
+                    dead_letters, _dead_letter_row(unit.env, unit.dead_letter)
                 )
             plan.results.append(Committed(Outcome.COMMITTED, dead_letter_id))
-        if plan.inbox:
-            await conn.execute(insert(inbox), plan.inbox)
+        await sql.insert(inbox, plan.inbox)
         if plan.events:
             # One executemany, then the positions by event id: RETURNING in parameter order makes
             # SQLAlchemy send SQLite one INSERT per row (the whole batch's cost, `make bench`).
-            await conn.execute(insert(events), plan.events)
-            found = await conn.execute(_POSITIONS, {"event_ids": [row["event_id"] for row in plan.events]})
-            position_of: dict[str, int] = {r[0]: r[1] for r in found}
-            positions = [position_of[row["event_id"]] for row in plan.events]
+            await sql.insert(events, plan.events)
+            position_of = await sql.positions([row["event_id"] for row in plan.events])
             await projections.apply(
-                conn,
+                sql,
                 [
-                    projections.Recorded(pos, row["stream_id"], row["type"], row["data"])
-                    for pos, row in zip(positions, plan.events, strict=True)
+                    projections.Recorded(position_of[row["event_id"]], row["stream_id"], row["type"], row["data"])
+                    for row in plan.events
                 ],
             )
         if plan.outbox:
-            await conn.execute(insert(outbox), plan.outbox)
+            await sql.insert(outbox, plan.outbox)
             plan.pending = [
                 PendingEvent(
                     0,
@@ -337,47 +328,21 @@ class EventStore:
         UPDATE is atomic), and no other relay takes them from it while it publishes them.
         """
         now = datetime.now(UTC)
-        async with self._hot(transaction=True) as conn:
-            result = await conn.execute(
-                update(outbox)
-                .where(
-                    outbox.c.published_at.is_(None),
-                    outbox.c.owner != self.owner,
-                    outbox.c.created_at < now - timedelta(seconds=orphaned_after),
-                )
-                .values(owner=self.owner, created_at=now)
-            )
-        return int(result.rowcount or 0)
+        async with self._hot(transaction=True) as sql:
+            return await sql.claim_orphans(self.owner, now - timedelta(seconds=orphaned_after), now)
 
     async def unpublished(self, *, limit: int = 500) -> list[PendingEvent]:
         """This worker's outbox rows to publish (its own and those it took over), oldest first."""
-        query = (
-            select(outbox)
-            .where(outbox.c.published_at.is_(None), outbox.c.owner == self.owner)
-            .order_by(outbox.c.id)
-            .limit(limit)
-        )
-        async with self._hot(transaction=False) as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [
-            PendingEvent(
-                r["id"],
-                r["event_id"],
-                r["transport"],
-                r["event_type"],
-                r["payload"],
-                r["message_id"],
-                r["correlation_id"],
-            )
-            for r in rows
-        ]
+        async with self._hot(transaction=False) as sql:
+            rows = await sql.unpublished(self.owner, limit, _PENDING_COLUMNS)
+        return [PendingEvent(*row) for row in rows]
 
     async def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that the outbox rows of these events reached their broker."""
         if not event_ids:
             return
-        async with self._hot(transaction=True) as conn:
-            await conn.execute(_MARK_PUBLISHED, {"event_ids": list(event_ids), "now": datetime.now(UTC)})
+        async with self._hot(transaction=True) as sql:
+            await sql.mark_published(event_ids, datetime.now(UTC))
 
     async def outbox_backlog(self) -> tuple[int, float]:
         """Unpublished rows and the age in seconds of the oldest one."""
@@ -421,43 +386,7 @@ class EventStore:
         )
 
 
-async def _already_in_inbox(conn: Executor, units: Sequence[Commit]) -> set[tuple[str, str]]:
-    keyed = [(u.consumer, u.env.message_id) for u in units if u.consumer is not None]
-    if not keyed:
-        return set()
-    rows = await conn.execute(_IN_INBOX, _inbox_keys(keyed))
-    return {(r[0], r[1]) for r in rows}
-
-
-async def _current_versions(conn: Executor, stream_ids: set[str]) -> dict[str, int]:
-    rows = await conn.execute(_VERSIONS, {"stream_ids": list(stream_ids)})
-    return {r[0]: int(r[1]) for r in rows}
-
-
-# Statements built once: an `in_(values)` built per call coerces every value into its own bound
-# parameter, about as costly per message as the INSERT itself; an expanding parameter is not.
-_IN_INBOX = select(inbox.c.consumer, inbox.c.message_id).where(
-    # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
-    inbox.c.consumer.in_(bindparam("consumers", expanding=True)),
-    inbox.c.message_id.in_(bindparam("message_ids", expanding=True)),
-)
-_VERSIONS = (
-    select(events.c.stream_id, func.max(events.c.version))
-    .where(events.c.stream_id.in_(bindparam("stream_ids", expanding=True)))
-    .group_by(events.c.stream_id)
-)
-_POSITIONS = select(events.c.event_id, events.c.position).where(
-    events.c.event_id.in_(bindparam("event_ids", expanding=True))
-)
-_MARK_PUBLISHED = (
-    update(outbox)
-    .where(outbox.c.event_id.in_(bindparam("event_ids", expanding=True)))
-    .values(published_at=bindparam("now"))
-)
-
-
-def _inbox_keys(keys: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    return {"consumers": sorted({c for c, _ in keys}), "message_ids": sorted({m for _, m in keys})}
+_PENDING_COLUMNS = ("id", "event_id", "transport", "event_type", "payload", "message_id", "correlation_id")
 
 
 def _metadata(env: Envelope) -> dict[str, Any]:
@@ -515,18 +444,18 @@ def _dead_letter_row(env: Envelope, failure: Failure) -> dict[str, Any]:
     }
 
 
-def _json_dumps(value: Any) -> str:
-    """JSON columns written with orjson (several times faster than `json.dumps` per row)."""
-    return orjson.dumps(value).decode()
-
-
 def _aware(moment: datetime) -> datetime:
     """SQLite hands timestamps back naive; they were written in UTC."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _is_inbox_conflict(exc: IntegrityError) -> bool:
-    text_ = str(exc.orig).lower()
+def _reason(exc: Exception) -> str:
+    """The driver's words: SQLAlchemy wraps them (`orig`), sqlite3 says them itself."""
+    return str(getattr(exc, "orig", None) or exc)
+
+
+def _is_inbox_conflict(exc: Exception) -> bool:
+    text_ = _reason(exc).lower()
     return "inbox" in text_ or "pk_inbox" in text_
 
 
