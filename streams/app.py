@@ -6,6 +6,7 @@ Run with `faststream run streams.app:app --host 0.0.0.0 --port 8000`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -154,6 +155,9 @@ async def after_startup() -> None:
         if isinstance(lane, RabbitLane):
             lane.bind(await rabbit.connect())
         await lane.start()
+    # What start-up made lives as long as the worker: out of the collector's sight, a full
+    # collection walks only what handling creates (85-145 ms with the loop stopped before, `make bench`).
+    gc.freeze()
     for callback in READY_CALLBACKS:
         callback()
 

@@ -1,0 +1,65 @@
+"""SQLite only: the WAL is checkpointed by the store's thread, never by a commit on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from pathlib import Path
+
+from streams.store import EventStore
+from tests.store import sent
+
+
+async def _until(predicate: object, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "not within the deadline"
+        await asyncio.sleep(0.05)
+
+
+def _events_in_main_file(db: Path, scratch: Path) -> int:
+    """Events the database file holds by itself, without its WAL (a copy, opened alone)."""
+    copy = scratch / "main-file-only.db"
+    shutil.copyfile(db, copy)
+    conn = sqlite3.connect(copy)
+    try:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    except sqlite3.OperationalError:  # not even the tables yet: all still in the WAL
+        return -1
+    finally:
+        conn.close()
+
+
+async def test_commits_leave_checkpoints_to_the_store_thread(tmp_path: Path) -> None:
+    """The hot connection never checkpoints (autocheckpoint off); the thread copies the WAL into
+    the database file, so committed events reach the main file without a commit doing it."""
+    db = tmp_path / "store.db"
+    store = EventStore(f"sqlite+aiosqlite:///{db}")
+    await store.start()
+    try:
+        await asyncio.gather(*(store.commit(sent()) for _ in range(50)))
+        async with store._hot(transaction=False) as sql:  # the connection the commits used
+            autocheckpoint = sql.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]  # type: ignore[attr-defined]
+        assert autocheckpoint == 0
+        await _until(lambda: _events_in_main_file(db, tmp_path) == 50, 10)
+        assert store._checkpointer is not None
+        assert store._checkpointer.checkpoints >= 1
+    finally:
+        await store.close()
+    assert store._checkpointer is None  # stopped with the store
+
+
+async def test_a_store_never_started_keeps_sqlite_checkpointing_itself(tmp_path: Path) -> None:
+    """Command-line tools open the store without starting it: no thread, SQLite's own checkpoints."""
+    db = tmp_path / "store.db"
+    starter = EventStore(f"sqlite+aiosqlite:///{db}")
+    await starter.start()
+    await starter.close()
+    store = EventStore(f"sqlite+aiosqlite:///{db}")
+    try:
+        async with store._hot(transaction=False) as sql:
+            assert sql.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # type: ignore[attr-defined]
+        assert store._checkpointer is None
+    finally:
+        await store.close()
