@@ -1,13 +1,14 @@
-"""The statements of the store's hot path, on two drivers: SQLAlchemy Core, and sqlite3 directly.
+"""The statements of the store's hot path, on three drivers: SQLAlchemy Core, sqlite3, asyncpg.
 
 `EventStore` and `projections` ask for what they need by name (`inbox_has`, `insert`,
-`positions`...), never for SQL. `CoreStatements` runs them through SQLAlchemy (PostgreSQL via
-asyncpg, and any engine handed to a rebuild). `SqliteStatements` runs them on a plain `sqlite3`
-connection, inline on the event loop: SQLAlchemy's per-statement work (execution context,
-parameter processing, expanding IN, result rows) cost about 100 µs a statement, ten times the
-statement itself; a message's commit of ten statements took 790 µs of CPU, `make bench` found
-the pipeline spending a third of its time there. Values still go through SQLAlchemy's own bind
-processors for the column types (looked up once per table), so both drivers store the same bytes.
+`positions`...), never for SQL. `CoreStatements` runs them through SQLAlchemy (any engine handed
+to a rebuild, any other driver). `SqliteStatements` runs them on a plain `sqlite3` connection,
+inline on the event loop, and `AsyncpgStatements` on the asyncpg connection of SQLAlchemy's pool.
+SQLAlchemy's per-statement work (execution context, parameter processing, expanding IN, result
+rows) cost about 100 µs a statement, ten times the statement itself: a message's commit of ten
+statements took 790 µs of CPU, and `make bench` found the pipeline spending a third of its time
+there. On SQLite, values still go through SQLAlchemy's own bind processors for the column types
+(looked up once per table), so every driver stores the same values.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import Delete, Select, Table, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Delete, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -257,6 +258,92 @@ class SqliteStatements:
         return self.db.execute(sql, (owner, limit)).fetchall()
 
 
+# --- asyncpg (the same SQL text rules as sqlite3) --------------------------------------------------
+
+
+class AsyncpgStatements:
+    """The statements on the asyncpg connection under SQLAlchemy's pooled one: SQLAlchemy's own
+    per-statement work cost as much CPU here as on SQLite, and PostgreSQL's IN lists become one
+    array parameter (`= ANY($1)`), so a statement's text does not depend on how many keys it has."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Any) -> None:  # an asyncpg.Connection
+        self.db = db
+
+    async def inbox_has(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (consumer, message id) keys the inbox holds."""
+        if not keys:
+            return set()
+        consumers, message_ids = _key_columns(keys)
+        rows = await self.db.fetch(
+            "SELECT consumer, message_id FROM inbox WHERE consumer = ANY($1::text[]) AND message_id = ANY($2::text[])",
+            consumers,
+            message_ids,
+        )
+        return {(r[0], r[1]) for r in rows}
+
+    async def versions(self, stream_ids: Collection[str]) -> dict[str, int]:
+        """The last version of each of these streams that has events."""
+        rows = await self.db.fetch(
+            "SELECT stream_id, max(version) FROM events WHERE stream_id = ANY($1::text[]) GROUP BY stream_id",
+            list(stream_ids),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def positions(self, event_ids: Sequence[str]) -> dict[str, int]:
+        """The log position of each of these events."""
+        rows = await self.db.fetch(
+            "SELECT event_id, position FROM events WHERE event_id = ANY($1::text[])", list(event_ids)
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def insert(self, table: Table, rows: Sequence[Row]) -> None:
+        """Insert rows (all with the same keys)."""
+        if rows:
+            sql, encoders = _pg_insert_plan(table, tuple(rows[0]))
+            await self.db.executemany(sql, [_encoded(row, encoders) for row in rows])
+
+    async def insert_returning_id(self, table: Table, row: Row) -> int:
+        """Insert one row; its generated `id`."""
+        sql, encoders = _pg_insert_plan(table, tuple(row))
+        return int(await self.db.fetchval(f"{sql} RETURNING id", *_encoded(row, encoders)))
+
+    async def by_key(self, table: Table, keys: Collection[str], columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """These columns of the rows whose (single-column) primary key is one of `keys`."""
+        sql = f"SELECT {_names(table, columns)} FROM {table.name} WHERE {_key(table).name} = ANY($1::text[])"  # noqa: S608
+        return [tuple(r) for r in await self.db.fetch(sql, list(keys))]
+
+    async def delete_by_key(self, table: Table, keys: Collection[str]) -> None:
+        """Delete the rows whose (single-column) primary key is one of `keys`."""
+        if keys:
+            sql = f"DELETE FROM {table.name} WHERE {_key(table).name} = ANY($1::text[])"  # noqa: S608
+            await self.db.execute(sql, list(keys))
+
+    async def mark_published(self, event_ids: Sequence[str], now: datetime) -> None:
+        """Stamp the outbox rows of these events as published."""
+        await self.db.execute(
+            "UPDATE outbox SET published_at = $1 WHERE event_id = ANY($2::text[])", now, list(event_ids)
+        )
+
+    async def claim_orphans(self, owner: str, older_than: datetime, now: datetime) -> int:
+        """Give `owner` the other owners' unpublished rows created before `older_than`; how many."""
+        status = await self.db.execute(
+            "UPDATE outbox SET owner = $1, created_at = $2"
+            " WHERE published_at IS NULL AND owner != $1 AND created_at < $3",
+            owner,
+            now,
+            older_than,
+        )
+        return int(status.rsplit(" ", 1)[-1])  # "UPDATE <count>"
+
+    async def unpublished(self, owner: str, limit: int, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """`owner`'s unpublished outbox rows, oldest first."""
+        where = "published_at IS NULL AND owner = $1 ORDER BY id LIMIT $2"
+        sql = f"SELECT {_names(outbox, columns)} FROM outbox WHERE {where}"  # noqa: S608
+        return [tuple(r) for r in await self.db.fetch(sql, owner, limit)]
+
+
 def json_dumps(value: Any) -> str:
     """JSON columns written with orjson (several times faster than `json.dumps` per row)."""
     return orjson.dumps(value).decode()
@@ -286,6 +373,14 @@ _DATETIME = _datetime_encoder()
 def _insert_plan(table: Table, names: tuple[str, ...]) -> tuple[str, tuple[tuple[str, Encoder], ...]]:
     sql = f"INSERT INTO {table.name} ({_names(table, names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608
     return sql, tuple((name, _processor(table, name)) for name in names)
+
+
+@functools.cache
+def _pg_insert_plan(table: Table, names: tuple[str, ...]) -> tuple[str, tuple[tuple[str, Encoder], ...]]:
+    # asyncpg takes Python values as they are (datetimes, bytes); JSON goes as its text.
+    placeholders = ", ".join(f"${i}" for i in range(1, len(names) + 1))
+    sql = f"INSERT INTO {table.name} ({_names(table, names)}) VALUES ({placeholders})"  # noqa: S608
+    return sql, tuple((name, json_dumps if isinstance(table.c[name].type, JSON) else None) for name in names)
 
 
 def _encoded(row: Row, encoders: tuple[tuple[str, Encoder], ...]) -> tuple[Any, ...]:

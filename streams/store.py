@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
+import asyncpg
 import orjson
 from sqlalchemy import event, func, make_url, select, text
 from sqlalchemy.exc import IntegrityError
@@ -31,7 +32,7 @@ from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.failures import Failure
 from streams.logging import get_logger
-from streams.sql import CoreStatements, SqliteStatements, Statements, json_dumps
+from streams.sql import AsyncpgStatements, CoreStatements, SqliteStatements, Statements, json_dumps
 from streams.tables import dead_letters, email_log, events, inbox, metadata, outbox, task_status
 
 log = get_logger("pipeline.store")
@@ -180,8 +181,15 @@ class EventStore:
         """The hot path's statements, in a transaction or for reads: inline on SQLite,
         asynchronous on PostgreSQL."""
         if self._sqlite_path is None:
-            async with self.engine.begin() if transaction else self.engine.connect() as aconn:
-                yield CoreStatements(aconn)
+            async with self.engine.connect() as aconn:
+                if self.engine.dialect.driver != "asyncpg":
+                    async with aconn.begin() if transaction else contextlib.nullcontext():
+                        yield CoreStatements(aconn)
+                    return
+                pg = (await aconn.get_raw_connection()).driver_connection
+                assert pg is not None
+                async with pg.transaction() if transaction else contextlib.nullcontext():
+                    yield AsyncpgStatements(pg)
             return
         db = self._sqlite_connection()
         if not transaction:
@@ -272,7 +280,7 @@ class EventStore:
                 await self._write_in(conn, units, plan)
                 if listener is not None:
                     listener.reserve(plan.pending)  # before the commit: no outbox read may take them
-        except (IntegrityError, sqlite3.IntegrityError) as exc:
+        except (IntegrityError, sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError) as exc:
             if listener is not None:
                 listener.abandon(plan.pending)
             if len(units) == 1 and _is_inbox_conflict(exc):
