@@ -13,11 +13,11 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import orjson
@@ -36,6 +36,11 @@ from streams.sql import AsyncpgStatements, CoreStatements, SqliteStatements, Sta
 from streams.tables import dead_letters, email_log, events, inbox, metadata, outbox, task_status
 
 log = get_logger("pipeline.store")
+T = TypeVar("T")
+
+# Connections of the PostgreSQL hot path: the group commit, inbox reads and the relay, one each
+# at a time, plus one spare.
+PG_HOT_CONNECTIONS = 4
 
 # How often the SQLite WAL is copied into the database file, off the loop (`Checkpointer`).
 CHECKPOINT_SECONDS = 0.5
@@ -143,6 +148,8 @@ class EventStore:
         self._sqlite_path: str | None = None
         self._sqlite: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
+        self._pg_pool: asyncpg.Pool | None = None
+        self._pg_opening = asyncio.Lock()
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self._sqlite_path = make_url(url).database or ":memory:"
@@ -172,6 +179,9 @@ class EventStore:
             await asyncio.to_thread(self._checkpointer.stop)
             self._checkpointer = None
         await self.engine.dispose()
+        if self._pg_pool is not None:
+            await self._pg_pool.close()
+            self._pg_pool = None
         if self._sqlite is not None:
             self._sqlite.close()
             self._sqlite = None
@@ -181,15 +191,13 @@ class EventStore:
         """The hot path's statements, in a transaction or for reads: inline on SQLite,
         asynchronous on PostgreSQL."""
         if self._sqlite_path is None:
-            async with self.engine.connect() as aconn:
-                if self.engine.dialect.driver != "asyncpg":
-                    async with aconn.begin() if transaction else contextlib.nullcontext():
-                        yield CoreStatements(aconn)
-                    return
-                pg = (await aconn.get_raw_connection()).driver_connection
-                assert pg is not None
-                async with pg.transaction() if transaction else contextlib.nullcontext():
+            if self.engine.dialect.driver == "asyncpg":
+                pool = await self._pg()
+                async with pool.acquire() as pg, pg.transaction() if transaction else contextlib.nullcontext():
                     yield AsyncpgStatements(pg)
+                return
+            async with self.engine.begin() if transaction else self.engine.connect() as aconn:
+                yield CoreStatements(aconn)
             return
         db = self._sqlite_connection()
         if not transaction:
@@ -202,6 +210,22 @@ class EventStore:
             self._rollback(db)
             raise
         db.execute("COMMIT")
+
+    async def _pg(self) -> asyncpg.Pool:
+        """The hot path's own asyncpg pool (made on first use, on the running loop).
+
+        Not SQLAlchemy's: its checkout (a greenlet, a pre-ping round trip) and check-in cost more
+        CPU than the statements of a small transaction. asyncpg's pool without its reset query
+        costs no round trip; a connection that broke is dropped at release and replaced.
+        """
+        if self._pg_pool is None:
+            async with self._pg_opening:
+                if self._pg_pool is None:
+                    dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+                    self._pg_pool = await asyncpg.create_pool(
+                        dsn, min_size=1, max_size=PG_HOT_CONNECTIONS, reset=_keep_session
+                    )
+        return self._pg_pool
 
     def _sqlite_connection(self) -> sqlite3.Connection:
         if self._sqlite is None:
@@ -240,8 +264,11 @@ class EventStore:
         return await self.inbox_reader.submit((consumer, message_id))
 
     async def _seen_many(self, keys: Sequence[tuple[str, str]]) -> list[bool]:
-        async with self._hot(transaction=False) as sql:
-            found = await sql.inbox_has(keys)
+        async def read() -> set[tuple[str, str]]:
+            async with self._hot(transaction=False) as sql:
+                return await sql.inbox_has(keys)
+
+        found = await _again_if_dropped(read)
         return [key in found for key in keys]
 
     async def seen_many(self, consumer: str, message_ids: Sequence[str]) -> list[bool]:
@@ -273,6 +300,9 @@ class EventStore:
 
     async def _write(self, units: Sequence[Commit]) -> list[Committed]:
         metrics.STORE_BATCH.observe(len(units))
+        return await _again_if_dropped(lambda: self._write_once(units))
+
+    async def _write_once(self, units: Sequence[Commit]) -> list[Committed]:
         listener = self.outbox_listener
         plan = _Plan()
         try:
@@ -355,21 +385,32 @@ class EventStore:
         UPDATE is atomic), and no other relay takes them from it while it publishes them.
         """
         now = datetime.now(UTC)
-        async with self._hot(transaction=True) as sql:
-            return await sql.claim_orphans(self.owner, now - timedelta(seconds=orphaned_after), now)
+
+        async def claim() -> int:
+            async with self._hot(transaction=True) as sql:
+                return await sql.claim_orphans(self.owner, now - timedelta(seconds=orphaned_after), now)
+
+        return await _again_if_dropped(claim)
 
     async def unpublished(self, *, limit: int = 500) -> list[PendingEvent]:
         """This worker's outbox rows to publish (its own and those it took over), oldest first."""
-        async with self._hot(transaction=False) as sql:
-            rows = await sql.unpublished(self.owner, limit, _PENDING_COLUMNS)
-        return [PendingEvent(*row) for row in rows]
+
+        async def read() -> list[tuple[Any, ...]]:
+            async with self._hot(transaction=False) as sql:
+                return await sql.unpublished(self.owner, limit, _PENDING_COLUMNS)
+
+        return [PendingEvent(*row) for row in await _again_if_dropped(read)]
 
     async def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that the outbox rows of these events reached their broker."""
         if not event_ids:
             return
-        async with self._hot(transaction=True) as sql:
-            await sql.mark_published(event_ids, datetime.now(UTC))
+
+        async def mark() -> None:
+            async with self._hot(transaction=True) as sql:
+                await sql.mark_published(event_ids, datetime.now(UTC))
+
+        await _again_if_dropped(mark)
 
     async def outbox_backlog(self) -> tuple[int, float]:
         """Unpublished rows and the age in seconds of the oldest one."""
@@ -411,6 +452,21 @@ class EventStore:
         return (
             projections.EmailState(**{k: row[k] for k in projections.EmailState.__dataclass_fields__}) if row else None
         )
+
+
+# PostgreSQL closed the connection under a statement (a restart, an administrator): the pool
+# hands out connections whose closed sockets the loop has not noticed yet, each fails once.
+_DROPPED = (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionResetError)
+
+
+async def _again_if_dropped(work: Callable[[], Awaitable[T]]) -> T:
+    """`work()`, run again on a fresh connection while the ones it was given turn out to be dropped."""
+    for _ in range(PG_HOT_CONNECTIONS):
+        try:
+            return await work()
+        except _DROPPED as exc:
+            log.warning("database connection dropped; trying again on another", error=repr(exc))
+    return await work()
 
 
 _PENDING_COLUMNS = ("id", "event_id", "transport", "event_type", "payload", "message_id", "correlation_id")
@@ -524,6 +580,10 @@ class Checkpointer:
                     return
         finally:
             db.close()
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """The hot path sets no session state: nothing to reset when a connection goes back to the pool."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
