@@ -370,6 +370,7 @@ class RedisLane:
         count: int,
         max_in_flight: int,
         block_ms: int = 100,
+        batches: int = 2,
     ) -> None:
         self.name = f"redis:{stream}"
         self.stream = stream
@@ -381,6 +382,9 @@ class RedisLane:
         self.block_ms = block_ms
         self.running = False
         self._max_in_flight = max_in_flight
+        self.batches = batches
+        self._batches = 0  # batches being handled
+        self._running_since = 0.0  # when the oldest running batch began (about, as RabbitLane)
         self._in_use = 0  # entries read and not yet finished
         self._room = asyncio.Event()
         self._in_flight = _InFlight()
@@ -427,15 +431,34 @@ class RedisLane:
             streams: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = answer or []  # type: ignore[assignment]
             for _, entries in streams:
                 if entries:
+                    if not self._batches:
+                        self._running_since = asyncio.get_running_loop().time()
+                    self._batches += 1
                     self._in_use += len(entries)
                     self._in_flight.spawn(self._work(entries))
 
     async def _wait_for_room(self) -> int:
-        """Wait until fewer than `max_in_flight` entries are handled; how many may be read now."""
-        while self._in_use >= self._max_in_flight:
+        """Wait until another batch may start; how many entries may be read for it.
+
+        As `RabbitLane`: while a batch runs, what arrives waits for it to end and forms the next
+        batch (each batch pays its transaction, crash-ledger and publish round trips once, so
+        many small batches side by side made a moderate rate cost twice the CPU per message of
+        a full queue); a second batch starts beside it only once it is `HOLD_SECONDS` old (a slow
+        handler), and never more than `batches`, nor more than `max_in_flight` entries.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            held = loop.time() - self._running_since
+            if self._in_use < self._max_in_flight and (
+                not self._batches or (self._batches < self.batches and held >= HOLD_SECONDS)
+            ):
+                return self._max_in_flight - self._in_use
             self._room.clear()
-            await self._room.wait()
-        return self._max_in_flight - self._in_use
+            if self._batches and self._batches < self.batches and self._in_use < self._max_in_flight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), HOLD_SECONDS - held)
+            else:
+                await self._room.wait()
 
     async def _recreate_group(self) -> None:
         while self.running:
@@ -458,6 +481,8 @@ class RedisLane:
             log.error("failure not handled; the entries stay pending", error=repr(exc))
         finally:
             self._in_use -= len(entries)
+            self._batches -= 1
+            self._running_since = asyncio.get_running_loop().time()  # the other one's age is unknown: from now
             self._room.set()
         # A failure that could not be handled stays pending: the reclaiming subscriber takes it later.
         self._to_ack.extend(entry_id for (entry_id, _), ack in zip(entries, acks, strict=True) if ack)

@@ -156,6 +156,7 @@ def build_lanes(pipeline: Pipeline, client: aioredis.Redis, settings: Settings) 
                 count=settings.redis_read_count,
                 max_in_flight=settings.redis_max_workers,
                 block_ms=settings.redis_polling_ms,
+                batches=settings.lane_batches,
             )
         )
     return {lane.name: lane for lane in found}

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     # Command queues and streams are read by lanes (streams.lanes): batched reads and acks, no
     # FastStream call chain per message. False: each message through its FastStream subscriber.
     lanes: bool = True
-    # Batches a RabbitMQ lane handles at once; what arrives meanwhile forms the next batch.
+    # Batches a lane handles at once; what arrives meanwhile forms the next batch.
     lane_batches: int = Field(2, ge=1, le=64)
     rabbit_prefetch: int = Field(64, ge=1, le=65_535)
     redis_read_count: int = Field(64, ge=1, le=10_000)

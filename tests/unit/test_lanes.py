@@ -17,7 +17,7 @@ from streams import names
 from streams.deps import Adapters, install
 from streams.envelope import Envelope
 from streams.flows import EMAIL
-from streams.lanes import RabbitLane, RedisLane, _Route, decode
+from streams.lanes import HOLD_SECONDS, RabbitLane, RedisLane, _Route, decode
 from streams.outlets import DATA_KEY
 from streams.routes import _send_email
 from tests.unit.test_pipeline import FakeMailer, Harness
@@ -203,6 +203,87 @@ async def test_a_redis_lane_acknowledges_finished_entries_together_and_leaves_fa
     acked = [i for batch in client.acks for i in batch]
     assert sorted(acked) == sorted(e for e, _ in entries if e != b"1-3"), "the failed entry stays pending"
     assert len(client.acks) < 9, "finished entries share XACKs"
+
+
+class GatedRoute:
+    """Batches as the lane hands them over; each one ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release: list[asyncio.Event] = []
+
+    async def process_batch(self, envs: list[Envelope]) -> list[bool]:
+        self.batches.append([env.entry_id or "" for env in envs])
+        done = asyncio.Event()
+        self.release.append(done)
+        await done.wait()
+        return [True] * len(envs)
+
+
+async def _until(predicate: Any, timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "not within the deadline"
+        await asyncio.sleep(0.005)
+
+
+def _entries(first: int, n: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return [(f"1-{i}".encode(), {b"n": str(i).encode()}) for i in range(first, first + n)]
+
+
+async def test_entries_that_arrive_while_a_redis_batch_runs_wait_and_form_the_next_batch() -> None:
+    """While a batch runs, what arrives is not read as a batch of its own per arrival: it waits
+    for the batch to end and is read as one (each batch pays its round trips once)."""
+    client = FakeRedis(_entries(0, 1))
+    gated = GatedRoute()
+    lane_ = RedisLane(
+        cast(Any, None), EMAIL, cast(Any, None), cast(Any, client), "email", "g", count=64, max_in_flight=64, batches=1
+    )
+    lane_.route = cast(Any, gated)
+    await lane_.start()
+    try:
+        await _until(lambda: len(gated.batches) == 1)
+        client.entries.extend(_entries(1, 1))
+        await asyncio.sleep(0.25)  # longer than a blocking read (100 ms): it would have been read by now
+        assert len(gated.batches) == 1, "nothing is read while the batch runs"
+        client.entries.extend(_entries(2, 2))
+        gated.release[0].set()
+        await _until(lambda: len(gated.batches) == 2)
+        assert gated.batches[1] == ["1-1", "1-2", "1-3"]
+        gated.release[1].set()
+    finally:
+        for done in gated.release:
+            done.set()
+        await lane_.stop(timeout=2)
+
+
+async def test_a_slow_redis_batch_lets_a_second_one_start_beside_it_after_the_hold() -> None:
+    """A slow handler (an LLM call) holds the others up for at most HOLD_SECONDS, and no more than
+    `batches` run at once."""
+    client = FakeRedis(_entries(0, 1))
+    gated = GatedRoute()
+    lane_ = RedisLane(
+        cast(Any, None), EMAIL, cast(Any, None), cast(Any, client), "email", "g", count=64, max_in_flight=64, batches=2
+    )
+    lane_.route = cast(Any, gated)
+    await lane_.start()
+    try:
+        await _until(lambda: len(gated.batches) == 1)
+        started = asyncio.get_running_loop().time()
+        client.entries.extend(_entries(1, 1))
+        await _until(lambda: len(gated.batches) == 2)
+        assert asyncio.get_running_loop().time() - started >= HOLD_SECONDS * 0.9
+        client.entries.extend(_entries(2, 1))  # two run: a third waits for one of them to end
+        await asyncio.sleep(HOLD_SECONDS * 3)
+        assert len(gated.batches) == 2
+        gated.release[0].set()
+        await _until(lambda: len(gated.batches) == 3)
+        for done in gated.release:
+            done.set()
+    finally:
+        for done in gated.release:
+            done.set()
+        await lane_.stop(timeout=2)
 
 
 # --- a batch through the pipeline (the app's pipeline, in-memory brokers, the test store) ------
