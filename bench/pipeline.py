@@ -573,6 +573,7 @@ async def run_pipeline(
     latency: bool = True,
     max_seconds: float | None = None,
     on_first: Callable[[list[Worker]], None] | None = None,
+    on_drained: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """Preload n commands, start the worker(s), measure the drain, then latency at half that rate."""
     async with scratch_dir() as scratch:
@@ -594,6 +595,8 @@ async def run_pipeline(
                     max_seconds=max_seconds if max_seconds is not None else cfg.max_drain_seconds,
                     on_first=(lambda: on_first(started)) if on_first is not None else None,
                 )
+                if on_drained is not None:
+                    on_drained()
                 if drain.capped:
                     await drop_rest(broker, rabbit_url, cfg.redis_url, counter.count)
                 dead = await counter.dead_letters()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -38,7 +39,7 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("prometheus_client/", "prometheus_client"),
     ("structlog/", "logging"),
     ("logging/", "logging"),
-    ("anyio/", "anyio threads"),
+    ("anyio/", "the event loop itself (uvloop C code, under anyio.run)"),
     ("uvicorn/", "uvicorn"),
     ("greenlet", "SQLAlchemy"),
 )
@@ -220,12 +221,26 @@ async def record(cfg: BenchConfig, rabbit_url: str, key: str, n: int, py_spy_arg
             subprocess.Popen([*command, *py_spy_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
 
+    def detach() -> None:
+        # The drain is over: stop recording now (py-spy writes its output on SIGINT). A worker
+        # stopped while py-spy is still attached can hang in its exit, holding its consumer.
+        for rec in recorders:
+            if rec.poll() is None:
+                rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=120)
+
     await wait_quiet(cfg)
     result = await pipeline.run_pipeline(
-        cfg, rabbit_url, broker, store, n, latency=False, max_seconds=cfg.profile_seconds + 2, on_first=attach
+        cfg,
+        rabbit_url,
+        broker,
+        store,
+        n,
+        latency=False,
+        max_seconds=cfg.profile_seconds + 2,
+        on_first=attach,
+        on_drained=detach,
     )
-    for rec in recorders:
-        rec.wait(timeout=120)
     return result.drain
 
 
@@ -235,7 +250,7 @@ async def profile_one(cfg: BenchConfig, rabbit_url: str, key: str) -> Path:
     out = cfg.results
     out.mkdir(parents=True, exist_ok=True)
     svg, raw = out / f"profile-{broker}.svg", out / f"profile-{broker}.raw.txt"
-    n = int(os.environ.get("BENCH_PROFILE_N", str(max(cfg.n, 20_000))))
+    n = int(os.environ.get("BENCH_PROFILE_N", str(max(cfg.n, 40_000))))  # about 20 s of drain
     log(f"profiling {key}: N={n}, py-spy for {cfg.profile_seconds:g} s from the first outcome (flame graph)")
     drain_svg = await record(cfg, rabbit_url, key, n, ["-o", str(svg)])
     log(f"profiling {key}: again, raw stacks per thread")
