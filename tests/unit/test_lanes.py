@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -231,18 +233,37 @@ def _entries(first: int, n: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return [(f"1-{i}".encode(), {b"n": str(i).encode()}) for i in range(first, first + n)]
 
 
-async def test_entries_that_arrive_while_a_redis_batch_runs_wait_and_form_the_next_batch() -> None:
-    """While a batch runs, what arrives is not read as a batch of its own per arrival: it waits
-    for the batch to end and is read as one (each batch pays its round trips once)."""
+@contextlib.asynccontextmanager
+async def gated_lane(batches: int) -> AsyncIterator[tuple[FakeRedis, GatedRoute]]:
+    """A started Redis lane over one entry, whose batches end when the test releases them."""
     client = FakeRedis(_entries(0, 1))
     gated = GatedRoute()
     lane_ = RedisLane(
-        cast(Any, None), EMAIL, cast(Any, None), cast(Any, client), "email", "g", count=64, max_in_flight=64, batches=1
+        cast(Any, None),
+        EMAIL,
+        cast(Any, None),
+        cast(Any, client),
+        "email",
+        "g",
+        count=64,
+        max_in_flight=64,
+        batches=batches,
     )
     lane_.route = cast(Any, gated)
     await lane_.start()
     try:
         await _until(lambda: len(gated.batches) == 1)
+        yield client, gated
+    finally:
+        for done in gated.release:
+            done.set()
+        await lane_.stop(timeout=2)
+
+
+async def test_entries_that_arrive_while_a_redis_batch_runs_wait_and_form_the_next_batch() -> None:
+    """While a batch runs, what arrives is not read as a batch of its own per arrival: it waits
+    for the batch to end and is read as one (each batch pays its round trips once)."""
+    async with gated_lane(batches=1) as (client, gated):
         client.entries.extend(_entries(1, 1))
         await asyncio.sleep(0.25)  # longer than a blocking read (100 ms): it would have been read by now
         assert len(gated.batches) == 1, "nothing is read while the batch runs"
@@ -250,25 +271,12 @@ async def test_entries_that_arrive_while_a_redis_batch_runs_wait_and_form_the_ne
         gated.release[0].set()
         await _until(lambda: len(gated.batches) == 2)
         assert gated.batches[1] == ["1-1", "1-2", "1-3"]
-        gated.release[1].set()
-    finally:
-        for done in gated.release:
-            done.set()
-        await lane_.stop(timeout=2)
 
 
 async def test_a_slow_redis_batch_lets_a_second_one_start_beside_it_after_the_hold() -> None:
     """A slow handler (an LLM call) holds the others up for at most HOLD_SECONDS, and no more than
     `batches` run at once."""
-    client = FakeRedis(_entries(0, 1))
-    gated = GatedRoute()
-    lane_ = RedisLane(
-        cast(Any, None), EMAIL, cast(Any, None), cast(Any, client), "email", "g", count=64, max_in_flight=64, batches=2
-    )
-    lane_.route = cast(Any, gated)
-    await lane_.start()
-    try:
-        await _until(lambda: len(gated.batches) == 1)
+    async with gated_lane(batches=2) as (client, gated):
         started = asyncio.get_running_loop().time()
         client.entries.extend(_entries(1, 1))
         await _until(lambda: len(gated.batches) == 2)
@@ -278,12 +286,6 @@ async def test_a_slow_redis_batch_lets_a_second_one_start_beside_it_after_the_ho
         assert len(gated.batches) == 2
         gated.release[0].set()
         await _until(lambda: len(gated.batches) == 3)
-        for done in gated.release:
-            done.set()
-    finally:
-        for done in gated.release:
-            done.set()
-        await lane_.stop(timeout=2)
 
 
 # --- a batch through the pipeline (the app's pipeline, in-memory brokers, the test store) ------
