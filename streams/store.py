@@ -193,8 +193,16 @@ class EventStore:
         if self._sqlite_path is None:
             if self.engine.dialect.driver == "asyncpg":
                 pool = await self._pg()
-                async with pool.acquire() as pg, pg.transaction() if transaction else contextlib.nullcontext():
-                    yield AsyncpgStatements(pg)
+                async with pool.acquire() as pg:
+                    try:
+                        async with pg.transaction() if transaction else contextlib.nullcontext():
+                            yield AsyncpgStatements(pg)
+                    except _DROPPED:
+                        # The server dropped this one, and most likely its siblings (a restart):
+                        # none of them goes back into use; the pool opens fresh ones.
+                        pg.terminate()
+                        await pool.expire_connections()
+                        raise
                 return
             async with self.engine.begin() if transaction else self.engine.connect() as aconn:
                 yield CoreStatements(aconn)
@@ -456,7 +464,14 @@ class EventStore:
 
 # PostgreSQL closed the connection under a statement (a restart, an administrator): the pool
 # hands out connections whose closed sockets the loop has not noticed yet, each fails once.
-_DROPPED = (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionResetError)
+# A connection that read the server's "terminating connection" while idle can still be handed
+# out, and fails with InternalClientError ("another operation is in progress").
+_DROPPED = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    ConnectionResetError,
+)
 
 
 async def _again_if_dropped(work: Callable[[], Awaitable[T]]) -> T:
