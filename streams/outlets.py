@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
+import aiormq
 import redis.asyncio as aioredis
 from aio_pika import DeliveryMode, Exchange
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
@@ -18,6 +19,7 @@ from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 from pamqp import commands as spec
 
 from streams import names, scheduler, topology
+from streams.amqp import publish_confirmed
 from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
 from streams.store import PendingEvent
 
@@ -115,21 +117,13 @@ class RabbitOutlet:
         if exchange is None:
             await asyncio.gather(*(self._publish_event(row) for row in rows))
             return
-        # Straight to aiormq: aio-pika's Message object costs more CPU than the publish itself
-        # (`make bench-profile`). aiormq raises DeliveryError on a nack.
-        channel = await cast(Exchange, exchange).channel.get_underlay_channel()
+        # Straight to aiormq, all in one write (`streams.amqp`): aio-pika's Message object, and
+        # aiormq's per-publish lock, write and drain, cost more CPU than the frames themselves
+        # (`make bench-profile`). A nack raises DeliveryError.
+        channel = cast(aiormq.Channel, await cast(Exchange, exchange).channel.get_underlay_channel())
         stamp = datetime.now(UTC).replace(microsecond=0)
-        await asyncio.gather(
-            *(
-                channel.basic_publish(
-                    row.payload,
-                    exchange=exchange.name,
-                    routing_key=row.event_type,
-                    properties=_event_properties(row, stamp),
-                    mandatory=False,
-                )
-                for row in rows
-            )
+        await publish_confirmed(
+            channel, exchange.name, [(row.event_type, row.payload, _event_properties(row, stamp)) for row in rows]
         )
 
     async def _publish_event(self, row: PendingEvent) -> None:
