@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
@@ -12,6 +12,7 @@ import aiormq
 import redis.asyncio as aioredis
 from aio_pika import DeliveryMode, Exchange
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from faststream.message import StreamMessage
 from faststream.rabbit.publisher.usecase import RabbitPublisher
 from faststream.redis.parser import BinaryMessageFormatV1
@@ -50,6 +51,34 @@ class Outlet(Protocol):
 
 def _text_headers(raw: dict[str, Any]) -> dict[str, str]:
     return {k: v for k in raw if (v := header_str(raw, k)) is not None}
+
+
+def _rabbit_envelope(
+    source: str,
+    body: bytes,
+    raw_headers: Mapping[str, Any] | None,
+    native_message_id: str | None,
+    native_correlation_id: str | None,
+    content_type: str | None,
+    redelivered: bool | None,
+    timestamp: datetime | None,
+) -> Envelope:
+    headers = _text_headers(dict(raw_headers or {}))
+    message_id, correlation_id = pick_ids(headers, native_message_id, native_correlation_id, source, body)
+    if content_type:
+        headers.setdefault("content-type", content_type)
+    return Envelope(
+        transport="rabbit",
+        source=source,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        body=body,
+        headers=headers,
+        attempt=parse_attempt(headers.get(names.H_ATTEMPTS)),
+        # Quorum queues count returns in `x-delivery-count`; the flag covers a requeue it skips.
+        redeliveries=max(parse_count(headers.get("x-delivery-count")), int(bool(redelivered))),
+        published_at=timestamp.timestamp() if timestamp else None,
+    )
 
 
 def _event_properties(row: PendingEvent, stamp: datetime) -> spec.Basic.Properties:
@@ -93,22 +122,23 @@ class RabbitOutlet:
     @staticmethod
     def delivered(raw: AbstractIncomingMessage, source: str) -> Envelope:
         """The Envelope of a message aio-pika delivered from `source`."""
-        headers = _text_headers(dict(raw.headers or {}))
-        body: bytes = raw.body
-        message_id, correlation_id = pick_ids(headers, raw.message_id, raw.correlation_id, source, body)
-        if raw.content_type:
-            headers.setdefault("content-type", raw.content_type)
-        return Envelope(
-            transport="rabbit",
-            source=source,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            body=body,
-            headers=headers,
-            attempt=parse_attempt(headers.get(names.H_ATTEMPTS)),
-            # Quorum queues count returns in `x-delivery-count`; the flag covers a requeue it skips.
-            redeliveries=max(parse_count(headers.get("x-delivery-count")), int(bool(raw.redelivered))),
-            published_at=raw.timestamp.timestamp() if raw.timestamp else None,
+        return _rabbit_envelope(
+            source,
+            raw.body,
+            raw.headers,
+            raw.message_id,
+            raw.correlation_id,
+            raw.content_type,
+            raw.redelivered,
+            raw.timestamp,
+        )
+
+    @staticmethod
+    def framed(raw: DeliveredMessage, source: str) -> Envelope:
+        """The Envelope of a message aiormq delivered from `source` (no aio-pika message in between)."""
+        p = raw.header.properties
+        return _rabbit_envelope(
+            source, raw.body, p.headers, p.message_id, p.correlation_id, p.content_type, raw.redelivered, p.timestamp
         )
 
     async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
