@@ -19,7 +19,7 @@ from streams import names
 from streams.deps import Adapters, install
 from streams.envelope import Envelope
 from streams.flows import EMAIL
-from streams.lanes import HOLD_SECONDS, RabbitLane, RedisLane, _Route, decode
+from streams.lanes import HOLD_SECONDS, SECOND_BATCH_AT, RabbitLane, RedisLane, _Route, decode
 from streams.outlets import DATA_KEY
 from streams.routes import _send_email
 from tests.unit.test_pipeline import FakeMailer, Harness
@@ -162,6 +162,33 @@ async def test_an_acknowledgement_lost_with_its_channel_is_logged_not_raised() -
     await settle(lane_, [Closed(1, [], "ch")], {1: True})
     assert not lane_._acking
     assert not lane_._order
+
+
+async def test_a_second_rabbit_batch_starts_once_enough_messages_wait_not_half_a_big_window() -> None:
+    """While a batch runs, arrivals wait; at SECOND_BATCH_AT of them a second batch starts at once,
+    also with a prefetch window of 128 (half of it held messages back for a whole batch)."""
+    lane_ = lane(prefetch=128)
+    lane_._started = True
+    batches: list[int] = []
+    release = asyncio.Event()
+
+    async def work(batch: list[Any]) -> None:
+        batches.append(len(batch))
+        await release.wait()
+
+    lane_._work = work  # type: ignore[method-assign]
+    log: list[tuple[str, int]] = []
+    for tag in range(1, SECOND_BATCH_AT + 2):
+        lane_._on_message(cast(Any, FakeMessage(tag, log, "ch")))
+        await asyncio.sleep(0)  # let a started batch's task run
+    try:
+        assert batches == [1, SECOND_BATCH_AT]
+        assert lane_._pending == []
+    finally:
+        release.set()
+        await lane_._in_flight.drain(2)
+        if lane_._hold_timer is not None:
+            lane_._hold_timer.cancel()
 
 
 class FakeRedis:

@@ -1,0 +1,92 @@
+"""Group commit with several writers: other keys' units do not wait behind a slow transaction,
+one key's units are written in order and never two at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from streams.committer import GroupCommitter
+
+
+class GatedWrites:
+    """A `write` that records each batch and holds the batches of key "slow" until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, int]]] = []
+        self.release = asyncio.Event()
+        self.writing: set[str] = set()
+        self.overlapped: list[str] = []
+        self.began = asyncio.Event()  # a batch is being written
+
+    async def __call__(self, units: Sequence[tuple[str, int]]) -> list[int]:
+        keys = {key for key, _ in units}
+        self.overlapped.extend(keys & self.writing)
+        self.writing |= keys
+        self.batches.append(list(units))
+        self.began.set()
+        try:
+            if "slow" in keys:
+                await self.release.wait()
+            return [n for _, n in units]
+        finally:
+            self.writing -= keys
+
+
+def by_key(unit: tuple[str, int]) -> str:
+    return unit[0]
+
+
+async def test_a_unit_of_another_key_is_written_while_a_transaction_is_held_up() -> None:
+    """Writer of "slow" blocked in its transaction: a unit of another key still commits meanwhile."""
+    writes = GatedWrites()
+    committer = GroupCommitter(writes, writers=4, partition=by_key)
+    committer.start()
+    try:
+        held = asyncio.ensure_future(committer.submit(("slow", 1)))
+        await asyncio.wait_for(writes.began.wait(), 2)
+        # A key on another writer than "slow" (keys hash per process; try until one differs).
+        other = next(
+            k
+            for k in (f"k{i}" for i in range(100))
+            if committer._queue_of((k, 0)) is not committer._queue_of(("slow", 0))
+        )
+        assert await asyncio.wait_for(committer.submit((other, 2)), 2) == 2
+        assert not held.done(), "the slow transaction is still open"
+        writes.release.set()
+        assert await held == 1
+    finally:
+        writes.release.set()
+        await committer.stop()
+
+
+async def test_units_of_one_key_are_written_in_order_and_never_at_once() -> None:
+    """50 units of one key, submitted together with others while its writer is held: in order, one batch at a time."""
+    writes = GatedWrites()
+    committer = GroupCommitter(writes, writers=3, partition=by_key)
+    committer.start()
+    try:
+        first = asyncio.ensure_future(committer.submit(("slow", 0)))
+        await asyncio.wait_for(writes.began.wait(), 2)
+        rest = committer.submit_many([("slow", n) for n in range(1, 50)] + [(f"k{n}", n) for n in range(20)])
+        writes.release.set()
+        assert await first == 0
+        results = await asyncio.wait_for(asyncio.gather(*rest), 2)
+        assert results[:49] == list(range(1, 50))
+        written = [n for batch in writes.batches for key, n in batch if key == "slow"]
+        assert written == list(range(50))
+        assert writes.overlapped == []
+    finally:
+        await committer.stop()
+
+
+def test_several_writers_need_a_partition_key() -> None:
+    """Without a key, units of one stream could race each other on two writers: refused."""
+
+    async def write(units: Sequence[int]) -> list[int]:
+        return list(units)
+
+    with pytest.raises(ValueError, match="partition"):
+        GroupCommitter(write, writers=2)
