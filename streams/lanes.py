@@ -284,12 +284,13 @@ class RabbitLane:
 
     async def _reopened(self, _: object) -> None:
         """The robust channel came back (a reconnect): consume again on its new aiormq channel."""
-        if not self._started:
-            return
-        try:
-            await self._consume()
-        except Exception as exc:  # noqa: BLE001 - the channel closed again: the next reopen retries
-            log.warning("cannot consume again after the channel reopened", queue=self.queue_name, error=repr(exc))
+        while self._started and self._channel is not None and not self._channel.is_closed:
+            try:
+                await self._consume()
+                return
+            except Exception as exc:  # noqa: BLE001 - tried again while the channel stays open; else at its next reopen
+                log.warning("cannot consume again after the channel reopened", queue=self.queue_name, error=repr(exc))
+                await asyncio.sleep(RETRY_SECONDS)
 
     @property
     def running(self) -> bool:
