@@ -4,7 +4,8 @@ one key's units are written in order and never two at once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -39,14 +40,26 @@ def by_key(unit: tuple[str, int]) -> str:
     return unit[0]
 
 
-async def test_a_unit_of_another_key_is_written_while_a_transaction_is_held_up() -> None:
-    """Writer of "slow" blocked in its transaction: a unit of another key still commits meanwhile."""
+@contextlib.asynccontextmanager
+async def held(
+    writers: int,
+) -> AsyncIterator[tuple[GroupCommitter[tuple[str, int], int], GatedWrites, asyncio.Future[int]]]:
+    """A started committer whose writer of key "slow" is inside its transaction with unit 0."""
     writes = GatedWrites()
-    committer = GroupCommitter(writes, writers=4, partition=by_key)
+    committer = GroupCommitter(writes, writers=writers, partition=by_key)
     committer.start()
     try:
-        held = asyncio.ensure_future(committer.submit(("slow", 1)))
+        first = asyncio.ensure_future(committer.submit(("slow", 0)))
         await asyncio.wait_for(writes.began.wait(), 2)
+        yield committer, writes, first
+    finally:
+        writes.release.set()
+        await committer.stop()
+
+
+async def test_a_unit_of_another_key_is_written_while_a_transaction_is_held_up() -> None:
+    """Writer of "slow" blocked in its transaction: a unit of another key still commits meanwhile."""
+    async with held(writers=4) as (committer, writes, first):
         # A key on another writer than "slow" (keys hash per process; try until one differs).
         other = next(
             k
@@ -54,22 +67,14 @@ async def test_a_unit_of_another_key_is_written_while_a_transaction_is_held_up()
             if committer._queue_of((k, 0)) is not committer._queue_of(("slow", 0))
         )
         assert await asyncio.wait_for(committer.submit((other, 2)), 2) == 2
-        assert not held.done(), "the slow transaction is still open"
+        assert not first.done(), "the slow transaction is still open"
         writes.release.set()
-        assert await held == 1
-    finally:
-        writes.release.set()
-        await committer.stop()
+        assert await first == 0
 
 
 async def test_units_of_one_key_are_written_in_order_and_never_at_once() -> None:
     """50 units of one key, submitted together with others while its writer is held: in order, one batch at a time."""
-    writes = GatedWrites()
-    committer = GroupCommitter(writes, writers=3, partition=by_key)
-    committer.start()
-    try:
-        first = asyncio.ensure_future(committer.submit(("slow", 0)))
-        await asyncio.wait_for(writes.began.wait(), 2)
+    async with held(writers=3) as (committer, writes, first):
         rest = committer.submit_many([("slow", n) for n in range(1, 50)] + [(f"k{n}", n) for n in range(20)])
         writes.release.set()
         assert await first == 0
@@ -78,8 +83,6 @@ async def test_units_of_one_key_are_written_in_order_and_never_at_once() -> None
         written = [n for batch in writes.batches for key, n in batch if key == "slow"]
         assert written == list(range(50))
         assert writes.overlapped == []
-    finally:
-        await committer.stop()
 
 
 def test_several_writers_need_a_partition_key() -> None:
