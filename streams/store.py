@@ -223,10 +223,12 @@ class EventStore:
         db.execute("BEGIN IMMEDIATE")  # the write lock first: reads then writes cannot deadlock
         try:
             yield SqliteStatements(db)
+            # Inside: a COMMIT that fails (the disk full) would leave the transaction open, and
+            # every later BEGIN would fail until the worker restarted.
+            db.execute("COMMIT")
         except BaseException:
             self._rollback(db)
             raise
-        db.execute("COMMIT")
 
     async def _pg(self) -> asyncpg.Pool:
         """The hot path's own asyncpg pool (made on first use, on the running loop).

@@ -1,4 +1,5 @@
-"""SQLite only: the WAL is checkpointed by the store's thread, never by a commit on the loop."""
+"""SQLite only: the WAL is checkpointed by the store's thread, never by a commit on the loop;
+a COMMIT that fails leaves no transaction open behind it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import asyncio
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from streams.store import EventStore
 from tests.store import sent
@@ -61,5 +65,45 @@ async def test_a_store_never_started_keeps_sqlite_checkpointing_itself(tmp_path:
         async with store._hot(transaction=False) as sql:
             assert sql.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000  # type: ignore[attr-defined]
         assert store._checkpointer is None
+    finally:
+        await store.close()
+
+
+class _CommitFailsOnce:
+    """The store's sqlite3 connection, except that its next COMMIT fails as a full disk makes it."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.failed = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+async def test_a_commit_that_fails_at_commit_is_rolled_back_and_the_next_one_writes(tmp_path: Path) -> None:
+    """A failed COMMIT (a full disk) raises to the committer and leaves no transaction open:
+    the unit is not written, and the store keeps writing once the disk has room."""
+    store = EventStore(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    await store.start()
+    try:
+        await store.commit(sent())  # opens the hot connection
+        assert store._sqlite is not None
+        failing = _CommitFailsOnce(store._sqlite)
+        store._sqlite = failing  # type: ignore[assignment]
+        lost = sent()
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            await store.commit(lost)
+        assert failing.failed
+        kept = sent()
+        await store.commit(kept)
+        stored = {e.metadata["message_id"] for e in await store.read()}
+        assert kept.env.message_id in stored
+        assert lost.env.message_id not in stored, "the failed transaction was rolled back"
     finally:
         await store.close()
