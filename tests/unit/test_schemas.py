@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import typing
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -319,3 +321,24 @@ def test_failure_kind_values_are_the_contract_header_values() -> None:
         ]
         == "fatal"
     )
+
+
+def test_event_ids_are_uuid7_and_sort_in_the_order_they_were_made() -> None:
+    """Every event id is a UUIDv7 (RFC 9562 version and variant bits), unique, and ids made a
+    millisecond or more apart sort as they were made (the store's event-id indexes grow at their end)."""
+    made: list[str] = []
+    for _ in range(3):
+        made.append(EmailSent(message_id="m", correlation_id="c", to="a@example.com", subject="s").event_id)
+        stamp = time.time_ns()
+        while time.time_ns() - stamp < 1_500_000:  # into the next millisecond
+            pass
+    batch = [
+        EmailSent(message_id="m", correlation_id="c", to="a@example.com", subject="s").event_id for _ in range(10_000)
+    ]
+    for value in made + batch:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert str(parsed) == value
+    assert made == sorted(made)
+    assert len(set(batch)) == len(batch)
+    assert abs(int(made[-1][:8] + made[-1][9:13], 16) - time.time_ns() // 1_000_000) < 60_000, "Unix milliseconds"
