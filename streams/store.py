@@ -358,9 +358,11 @@ class EventStore:
                 plan.inbox.append({"consumer": unit.consumer, "message_id": unit.env.message_id, "recorded_at": now})
             for ev in unit.events:
                 versions[unit.stream_id] = versions.get(unit.stream_id, 0) + 1
-                plan.events.append(_event_row(unit, ev, versions[unit.stream_id], now))
+                # Serialized once: the outbox payload, and the log's data parsed back from it.
+                payload = ev.model_dump_json().encode()
+                plan.events.append(_event_row(unit, ev, orjson.loads(payload), versions[unit.stream_id], now))
                 if unit.publish:
-                    plan.outbox.append(_outbox_row(unit, ev, self.owner, now))
+                    plan.outbox.append(_outbox_row(unit, ev, payload, self.owner, now))
             dead_letter_id = None
             if unit.dead_letter is not None:
                 dead_letter_id = await sql.insert_returning_id(
@@ -508,24 +510,24 @@ def _metadata(env: Envelope) -> dict[str, Any]:
     }
 
 
-def _event_row(unit: Commit, ev: Event, version: int, now: datetime) -> dict[str, Any]:
+def _event_row(unit: Commit, ev: Event, data: dict[str, Any], version: int, now: datetime) -> dict[str, Any]:
     return {
         "stream_id": unit.stream_id,
         "version": version,
         "event_id": ev.event_id,
         "type": ev.TYPE,
-        "data": ev.model_dump(mode="json"),
+        "data": data,
         "metadata": _metadata(unit.env),
         "recorded_at": now,
     }
 
 
-def _outbox_row(unit: Commit, ev: Event, owner: str, now: datetime) -> dict[str, Any]:
+def _outbox_row(unit: Commit, ev: Event, payload: bytes, owner: str, now: datetime) -> dict[str, Any]:
     return {
         "event_id": ev.event_id,
         "transport": unit.env.transport,
         "event_type": ev.TYPE,
-        "payload": ev.model_dump_json().encode(),
+        "payload": payload,
         "message_id": ev.message_id,
         "correlation_id": ev.correlation_id,
         "owner": owner,
