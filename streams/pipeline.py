@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from prometheus_client import Histogram
 
 from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
 from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered, RetryScheduled
@@ -296,7 +298,7 @@ class Pipeline:
         now = time.time()
         # Looked up once a batch, not once a message: the histogram of each transport, and
         # whether a "handled" line would be written at all.
-        latency: dict[Transport, Any] = {}
+        latency: dict[Transport, Histogram] = {}
         logging_handled = log.isEnabledFor(logging.INFO)
         for (i, outcome), committed in zip(done, await self.store.commit_many(units), strict=True):
             env = batch[i][0].envelope
