@@ -556,6 +556,41 @@ async def _await_all(sent: dict[str, float], arrived: dict[str, float], within: 
         await asyncio.sleep(0.05)
 
 
+def worker_prefetch() -> int:
+    """The RabbitMQ prefetch the bench's workers run with (their default, or BENCH_PIPELINE_RABBIT_PREFETCH)."""
+    from streams.settings import Settings  # noqa: PLC0415 - the project is imported only where it is used
+
+    default = int(Settings.model_fields["rabbit_prefetch"].default)
+    return int(os.environ.get("BENCH_PIPELINE_RABBIT_PREFETCH", default))
+
+
+async def broker_floor(cfg: BenchConfig, rabbit_url: str, rate: float, prefetch: int) -> Latency:
+    """Latency at `rate` through the pipeline's queue and exchanges with an echo consumer in the
+    worker's place (`bench.contenders.rabbit_echo`): what the broker and the machine cost alone."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.contenders.rabbit_echo",
+        "--url",
+        rabbit_url,
+        "--prefetch",
+        str(prefetch),
+        "--loop",
+        loops.resolve(cfg.loop),
+    ]
+    proc = await asyncio.create_subprocess_exec(*command, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"echo consumer did not start: {line!r}")
+        return await latency_rabbit(rabbit_url, rate, cfg.latency_seconds, cfg.latency_warmup)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
 # --- one pipeline run -----------------------------------------------------------------------------
 
 

@@ -196,10 +196,13 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
         lines += [
             "",
             "Latency phase, the worker(s) at the fixed rate (medians): how busy, and the CPU per outcome when "
-            "batches are small.",
+            "batches are small. Echo consumer: the same rate, the same harness, with an echo consumer in the "
+            "worker's place (`bench/contenders/rabbit_echo.py`: publish `email.sent` with a confirm, ack; "
+            "no validation, store or outbox): what RabbitMQ and this machine cost alone.",
             "",
-            "| contender | publish rate msg/s | achieved msg/s | worker CPU (share of one core) | CPU µs/msg |",
-            "|---|---:|---:|---:|---:|",
+            "| contender | publish rate msg/s | achieved msg/s | worker CPU (share of one core) | CPU µs/msg "
+            "| p50 / p99 ms | echo consumer p50 / p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for key, rows in phase:
             label = CONTENDERS[key].label if key in CONTENDERS else key
@@ -207,9 +210,17 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
             def med(field: str, rows: list[dict[str, Any]] = rows) -> float:
                 return stats.median([float(r[field]) for r in rows if r.get(field) is not None])
 
+            floors = [s.details["floor"] for s in samples if s.contender == key and (s.details or {}).get("floor")]
+            floor = (
+                f"{_num(stats.median([f['p50_ms'] for f in floors]), 1)} / "
+                f"{_num(stats.median([f['p99_ms'] for f in floors]), 1)}"
+                if floors
+                else "-"
+            )
             lines.append(
                 f"| {label} | {_num(med('rate'))} | {_num(med('achieved_rate'))} "
-                f"| {med('worker_cpu_share'):.0%} | {_num(med('worker_cpu_us_per_msg'))} |"
+                f"| {med('worker_cpu_share'):.0%} | {_num(med('worker_cpu_us_per_msg'))} "
+                f"| {_num(med('p50_ms'), 1)} / {_num(med('p99_ms'), 1)} | {floor} |"
             )
     errors = [s for s in samples if s.error is not None]
     lines += [

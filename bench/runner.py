@@ -162,6 +162,11 @@ async def run_pipeline_sample(key: str, cfg: BenchConfig, rabbit_url: str, round
     broker, store = PIPELINES[key]
     result = await pipeline.run_pipeline(cfg, rabbit_url, broker, store, n)
     lat = result.latency
+    details = pipeline.describe(result)
+    if broker == "rabbit" and lat is not None:
+        # The same rate with an echo consumer in the worker's place, right after it stopped.
+        floor = await pipeline.broker_floor(cfg, rabbit_url, lat.rate, pipeline.worker_prefetch())
+        details["floor"] = {"p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms, "max_ms": floor.max_ms}
     return Sample(
         contender=key,
         round=round_no,
@@ -176,7 +181,7 @@ async def run_pipeline_sample(key: str, cfg: BenchConfig, rabbit_url: str, round
         latency_p99_ms=lat.p99_ms if lat else None,
         latency_max_ms=lat.max_ms if lat else None,
         latency_rate=lat.rate if lat else None,
-        details=pipeline.describe(result),
+        details=details,
     )
 
 

@@ -193,3 +193,24 @@ def test_one_tiny_contender_run(tmp_path: Path) -> None:
 def test_cpu_basis_ratios() -> None:
     rows = dict(report.cpu_ratios(_samples()))
     assert rows["RabbitMQ: pipeline (SQLite) / bare FastStream"] == pytest.approx(500 / 900)
+
+
+def test_the_latency_phase_shows_the_echo_consumer_beside_the_pipeline() -> None:
+    """The pipeline's p50 / p99 at its fixed rate, next to the echo consumer's at the same rate (medians)."""
+    samples = _samples()
+    for sample, (p99, floor_p99) in zip(
+        [s for s in samples if s.contender == "rabbit-pipeline-sqlite"], [(20.0, 70.0), (40.0, 90.0)], strict=True
+    ):
+        sample.details = {
+            "latency": {
+                "rate": 500.0,
+                "achieved_rate": 499.0,
+                "worker_cpu_share": 0.5,
+                "worker_cpu_us_per_msg": 300.0,
+                "p50_ms": 5.0,
+                "p99_ms": p99,
+            },
+            "floor": {"p50_ms": 3.0, "p99_ms": floor_p99, "max_ms": 100.0},
+        }
+    text = report.render_markdown(samples, {"n": 200, "rounds": 2, "loop": "asyncio", "cpus": 2})
+    assert "| (d) pipeline, SQLite | 500 | 499 | 50% | 300 | 5.0 / 30.0 | 3.0 / 80.0 |" in text
