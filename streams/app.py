@@ -23,7 +23,7 @@ from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
-from streams import amqp, health, metrics, names, schema, topology
+from streams import amqp, emails, health, metrics, names, schema, topology
 from streams.deps import ADAPTERS, Adapters, install
 from streams.flows import COMPLETION, EMAIL
 from streams.groups import keep_group_alive
@@ -60,6 +60,7 @@ store = EventStore(
 )
 if settings.amqp_frame_reader:
     amqp.install()  # before the broker's first connection
+emails.install()  # EmailStr checks each recipient's domain once
 redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
 crash_ledger = CrashLedger(redis_client)
 pipeline = Pipeline(settings, store, crashes=crash_ledger)
