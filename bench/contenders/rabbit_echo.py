@@ -1,9 +1,11 @@
 """The broker's own latency floor: an echo consumer doing none of the pipeline's work.
 
-It reads the pipeline's quorum queue `email` (prefetch as the pipeline's), publishes for each
-command an `email.sent` on `events` carrying the command's message id, waits for the broker's
-confirm, and acknowledges the command: the two broker hops of the pipeline's path, with no
-validation, store or outbox. Timed by the same harness at the same rate as the pipeline, its
+It reads the pipeline's quorum queue `email` (prefetch as the pipeline's) and talks to the
+broker as the pipeline's lane does: what arrived together is one batch, whose `email.sent`
+outcomes (each carrying its command's message id) go out on `events` in one write
+(`streams.amqp.publish_confirmed`), whose confirms are awaited together, and which is then
+acknowledged with one `basic.ack(multiple=True)`; the next batch is what arrived meanwhile.
+No validation, store or outbox. Timed by the same harness at the same rate as the pipeline, its
 latency is what the broker and this machine cost by themselves.
 """
 
@@ -11,16 +13,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import cast
 
 import aiormq
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from pamqp.common import FieldTable
 
 from bench import loops
+from streams.amqp import publish_confirmed
 
 QUEUE = "email"
 EVENTS = "events"
 EMAIL_SENT = "email.sent"
+
+
+def _outcome(command: DeliveredMessage) -> tuple[str, bytes, spec.Basic.Properties]:
+    headers: FieldTable = {"message-id": command.header.properties.message_id or ""}
+    properties = spec.Basic.Properties(headers=headers, delivery_mode=2)
+    return EMAIL_SENT, b"{}", properties
 
 
 async def serve(url: str, prefetch: int) -> None:
@@ -29,15 +40,26 @@ async def serve(url: str, prefetch: int) -> None:
     try:
         receive = await connection.channel()
         await receive.basic_qos(prefetch_count=prefetch)
-        send = await connection.channel(publisher_confirms=True)
+        send = cast(aiormq.Channel, await connection.channel(publisher_confirms=True))
+
+        pending: list[DeliveredMessage] = []
+        flushing: list[asyncio.Task[None]] = []
+
+        async def flush() -> None:
+            try:
+                while pending:
+                    batch = pending[:]
+                    del pending[:]
+                    await publish_confirmed(send, EVENTS, [_outcome(m) for m in batch])
+                    assert batch[-1].delivery_tag is not None
+                    await receive.basic_ack(batch[-1].delivery_tag, multiple=True)
+            finally:
+                flushing.clear()
 
         async def echo(message: DeliveredMessage) -> None:
-            properties = spec.Basic.Properties(
-                headers={"message-id": message.header.properties.message_id or ""}, delivery_mode=2
-            )
-            await send.basic_publish(b"{}", exchange=EVENTS, routing_key=EMAIL_SENT, properties=properties)
-            assert message.delivery_tag is not None
-            await receive.basic_ack(message.delivery_tag)
+            pending.append(message)
+            if not flushing:
+                flushing.append(asyncio.ensure_future(flush()))
 
         await receive.basic_consume(QUEUE, echo)
         print("ready", flush=True)
