@@ -197,8 +197,9 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
             "",
             "Latency phase, the worker(s) at the fixed rate (medians): how busy, and the CPU per outcome when "
             "batches are small. Echo consumer: the same rate, the same harness, with an echo consumer in the "
-            "worker's place (`bench/contenders/rabbit_echo.py`: publish `email.sent` with a confirm, ack; "
-            "no validation, store or outbox): what RabbitMQ and this machine cost alone.",
+            "worker's place (`bench/contenders/rabbit_echo.py`: a batch's `email.sent` in one write, confirms "
+            "awaited together, one ack with multiple; no validation, store or outbox): what RabbitMQ and this "
+            "machine cost alone.",
             "",
             "| contender | publish rate msg/s | achieved msg/s | worker CPU (share of one core) | CPU µs/msg "
             "| p50 / p99 ms | echo consumer p50 / p99 ms |",
