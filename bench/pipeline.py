@@ -443,6 +443,21 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+async def timed_phase(
+    rate: float,
+    seconds: float,
+    send: Callable[[int], Awaitable[None]],
+    sent: dict[str, float],
+    arrived: dict[str, float],
+) -> tuple[float, float]:
+    """Send at `rate` for `seconds`, then wait for every outcome; the phase's start and end of sending."""
+    with collector_paused():
+        t0 = time.perf_counter()
+        t_end = await paced(rate, seconds, send)
+        await _await_all(sent, arrived, within=30)
+    return t0, t_end
+
+
 async def paced(rate: float, seconds: float, send: Callable[[int], Awaitable[None]], tick: float = 0.002) -> float:
     """Call `send(i)` for i = 0, 1, ... at `rate` per second for `seconds`; returns the end time."""
     total = max(int(rate * seconds), 1)
@@ -492,10 +507,7 @@ async def latency_rabbit(rabbit_url: str, rate: float, seconds: float, warmup: f
             body = workload.email_body(i)
             await channel.basic_publish(body, exchange=TASKS, routing_key=EMAIL, properties=properties)
 
-        with collector_paused():
-            t0 = time.perf_counter()
-            t_end = await paced(rate, seconds, send)
-            await _await_all(sent, arrived, within=30)
+        t0, t_end = await timed_phase(rate, seconds, send, sent, arrived)
         assert consuming.consumer_tag is not None
         await listen.basic_cancel(consuming.consumer_tag)
         return summarize_latency(rate, sent, arrived, t0, warmup, t_end)
@@ -536,10 +548,7 @@ async def latency_redis(redis_url: str, rate: float, seconds: float, warmup: flo
             sent[mid] = time.perf_counter()
             await client.xadd(EMAIL, entry)  # type: ignore[arg-type]
 
-        with collector_paused():
-            t0 = time.perf_counter()
-            t_end = await paced(rate, seconds, send)
-            await _await_all(sent, arrived, within=30)
+        t0, t_end = await timed_phase(rate, seconds, send, sent, arrived)
         stop.set()
         await reading
         return summarize_latency(rate, sent, arrived, t0, warmup, t_end)
@@ -564,7 +573,7 @@ def worker_prefetch() -> int:
     return int(os.environ.get("BENCH_PIPELINE_RABBIT_PREFETCH", default))
 
 
-async def broker_floor(cfg: BenchConfig, rabbit_url: str, rate: float, prefetch: int) -> Latency:
+async def echo_latency(cfg: BenchConfig, rabbit_url: str, rate: float, prefetch: int) -> Latency:
     """Latency at `rate` through the pipeline's queue and exchanges with an echo consumer in the
     worker's place (`bench.contenders.rabbit_echo`): what the broker and the machine cost alone."""
     command = [

@@ -211,17 +211,17 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
             def med(field: str, rows: list[dict[str, Any]] = rows) -> float:
                 return stats.median([float(r[field]) for r in rows if r.get(field) is not None])
 
-            floors = [s.details["floor"] for s in samples if s.contender == key and (s.details or {}).get("floor")]
-            floor = (
-                f"{_num(stats.median([f['p50_ms'] for f in floors]), 1)} / "
-                f"{_num(stats.median([f['p99_ms'] for f in floors]), 1)}"
-                if floors
+            echoes = [s.details["echo"] for s in samples if s.contender == key and (s.details or {}).get("echo")]
+            echo = (
+                f"{_num(stats.median([e['p50_ms'] for e in echoes]), 1)} / "
+                f"{_num(stats.median([e['p99_ms'] for e in echoes]), 1)}"
+                if echoes
                 else "-"
             )
             lines.append(
                 f"| {label} | {_num(med('rate'))} | {_num(med('achieved_rate'))} "
                 f"| {med('worker_cpu_share'):.0%} | {_num(med('worker_cpu_us_per_msg'))} "
-                f"| {_num(med('p50_ms'), 1)} / {_num(med('p99_ms'), 1)} | {floor} |"
+                f"| {_num(med('p50_ms'), 1)} / {_num(med('p99_ms'), 1)} | {echo} |"
             )
     errors = [s for s in samples if s.error is not None]
     lines += [

@@ -165,8 +165,8 @@ async def run_pipeline_sample(key: str, cfg: BenchConfig, rabbit_url: str, round
     details = pipeline.describe(result)
     if broker == "rabbit" and lat is not None:
         # The same rate with an echo consumer in the worker's place, right after it stopped.
-        floor = await pipeline.broker_floor(cfg, rabbit_url, lat.rate, pipeline.worker_prefetch())
-        details["floor"] = {"p50_ms": floor.p50_ms, "p99_ms": floor.p99_ms, "max_ms": floor.max_ms}
+        echo = await pipeline.echo_latency(cfg, rabbit_url, lat.rate, pipeline.worker_prefetch())
+        details["echo"] = {"p50_ms": echo.p50_ms, "p99_ms": echo.p99_ms, "max_ms": echo.max_ms}
     return Sample(
         contender=key,
         round=round_no,

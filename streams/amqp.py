@@ -254,7 +254,8 @@ _ACK = spec.Basic.Ack.index
 _HEADER = struct.Struct(">HHQH")  # class id, weight, body size, the first property flag word
 _LONG_LONG = struct.Struct(">q")
 _NUMBERS = {ord(kind): struct.Struct(f">{code}") for kind, code in zip("bBsuIilLfd", "bBhHlLqqfd", strict=True)}
-_READ_PROPERTIES = tuple((name, flag, kind) for name, flag, kind in _PROPERTIES)
+# What pamqp leaves in a property the header does not carry: None, but "" for cluster_id.
+_READ_PROPERTIES = tuple((name, flag, kind, "" if name == "cluster_id" else None) for name, flag, kind in _PROPERTIES)
 
 
 def _body(value: bytes) -> pamqp_body.ContentBody:
@@ -267,10 +268,7 @@ def _short(frame: bytes, pos: int) -> tuple[str, int]:
     end = pos + 1 + frame[pos]
     if end > len(frame) - 1:
         raise _Unusual
-    try:
-        return frame[pos + 1 : end].decode(), end
-    except UnicodeDecodeError as exc:
-        raise _Unusual from exc
+    return frame[pos + 1 : end].decode(), end  # not UTF-8: `unmarshal` leaves it to pamqp
 
 
 def _deliver(frame: bytes) -> spec.Basic.Deliver:
@@ -305,9 +303,9 @@ def _content_header(frame: bytes) -> pamqp_header.ContentHeader:
         raise _Unusual
     properties = object.__new__(spec.Basic.Properties)
     pos = 21
-    for name, flag, kind in _READ_PROPERTIES:
+    for name, flag, kind, absent in _READ_PROPERTIES:
         if not flags & flag:
-            setattr(properties, name, "" if name == "cluster_id" else None)
+            setattr(properties, name, absent)
             continue
         value: Any
         if kind == "shortstr":

@@ -1,4 +1,4 @@
-"""The broker's own latency floor: an echo consumer doing none of the pipeline's work.
+"""What the broker and this machine cost alone: an echo consumer doing none of the pipeline's work.
 
 It reads the pipeline's quorum queue `email` (prefetch as the pipeline's) and talks to the
 broker as the pipeline's lane does: what arrived together is one batch, whose `email.sent`

@@ -198,7 +198,7 @@ def test_cpu_basis_ratios() -> None:
 def test_the_latency_phase_shows_the_echo_consumer_beside_the_pipeline() -> None:
     """The pipeline's p50 / p99 at its fixed rate, next to the echo consumer's at the same rate (medians)."""
     samples = _samples()
-    for sample, (p99, floor_p99) in zip(
+    for sample, (p99, echo_p99) in zip(
         [s for s in samples if s.contender == "rabbit-pipeline-sqlite"], [(20.0, 70.0), (40.0, 90.0)], strict=True
     ):
         sample.details = {
@@ -210,7 +210,7 @@ def test_the_latency_phase_shows_the_echo_consumer_beside_the_pipeline() -> None
                 "p50_ms": 5.0,
                 "p99_ms": p99,
             },
-            "floor": {"p50_ms": 3.0, "p99_ms": floor_p99, "max_ms": 100.0},
+            "echo": {"p50_ms": 3.0, "p99_ms": echo_p99, "max_ms": 100.0},
         }
     text = report.render_markdown(samples, {"n": 200, "rounds": 2, "loop": "asyncio", "cpus": 2})
     assert "| (d) pipeline, SQLite | 500 | 499 | 50% | 300 | 5.0 / 30.0 | 3.0 / 80.0 |" in text
