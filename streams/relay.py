@@ -121,6 +121,7 @@ class Relay:
         self._scan = True
         while await self.relay_once(claim=False) or self._ready or self._scan:
             pass
+        await self.store.flush_marks()
 
     async def publish_committed(self) -> None:
         """Publish what is committed and waiting, now: a lane that waits for its outcomes cannot
@@ -184,8 +185,9 @@ class Relay:
                 for event_type, count in collections.Counter(r.event_type for r in rows).items():
                     metrics.EVENTS_PUBLISHED.labels(transport, event_type).inc(count)
         finally:
-            # Mark what went out even when a later run failed: it must not go out twice.
-            await self.store.mark_published(done)
+            # Mark what went out even when a later run failed: it must not go out twice. In the
+            # next group commit: a transaction of its own a batch cost a BEGIN and a COMMIT.
+            await self.store.mark_published_soon(done)
             self.published += len(done)
         return done
 

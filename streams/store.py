@@ -32,6 +32,7 @@ from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.failures import Failure
 from streams.logging import get_logger
+from streams.periodic import cancel_and_wait
 from streams.sql import AsyncpgStatements, CoreStatements, SqliteStatements, Statements, json_dumps
 from streams.tables import dead_letters, email_log, events, inbox, metadata, outbox, task_status
 
@@ -49,6 +50,10 @@ PG_HOT_CONNECTIONS = PG_COMMIT_WRITERS + 3
 
 # How often the SQLite WAL is copied into the database file, off the loop (`Checkpointer`).
 CHECKPOINT_SECONDS = 0.5
+
+# Outbox rows the relay published wait at most this long to be marked in the next group commit's
+# transaction before they are marked in one of their own (`mark_published_soon`).
+MARK_DELAY = 0.1
 
 
 class ConcurrencyError(TransientError):
@@ -166,6 +171,11 @@ class EventStore:
         )
         # Inbox lookups of concurrent messages share one query the same way.
         self.inbox_reader: GroupCommitter[tuple[str, str], bool] = GroupCommitter(self._seen_many, max_batch)
+        # Event ids published but not yet marked: the next group commit marks them in its transaction.
+        self._unmarked: list[str] = []
+        self._mark_timer: asyncio.TimerHandle | None = None
+        self._mark_timer_loop: asyncio.AbstractEventLoop | None = None
+        self._mark_tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -184,6 +194,15 @@ class EventStore:
         """Finish queued commits and release every connection."""
         await self.inbox_reader.stop()
         await self.committer.stop()
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
+        for task in list(self._mark_tasks):
+            await cancel_and_wait(task)
+        try:
+            await self.flush_marks()
+        except Exception as exc:  # noqa: BLE001 - the rows stay unpublished in the table: published again, deduped
+            log.warning("published outbox rows not marked at close", rows=len(self._unmarked), error=repr(exc))
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
             self._checkpointer = None
@@ -324,18 +343,23 @@ class EventStore:
     async def _write_once(self, units: Sequence[Commit]) -> list[Committed]:
         listener = self.outbox_listener
         plan = _Plan()
+        marks, self._unmarked = self._unmarked, []  # rows published meanwhile: marked in this transaction
         try:
             async with self._hot(transaction=True) as conn:
+                if marks:
+                    await conn.mark_published(marks, datetime.now(UTC))
                 await self._write_in(conn, units, plan)
                 if listener is not None:
                     listener.reserve(plan.pending)  # before the commit: no outbox read may take them
         except (IntegrityError, sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError) as exc:
+            self._unmarked[:0] = marks
             if listener is not None:
                 listener.abandon(plan.pending)
             if len(units) == 1 and _is_inbox_conflict(exc):
                 return [Committed(Outcome.DUPLICATE)]
             raise ConcurrencyError(f"concurrent write: {_reason(exc)}") from exc
         except BaseException:
+            self._unmarked[:0] = marks
             if listener is not None:
                 listener.abandon(plan.pending)
             raise
@@ -415,6 +439,7 @@ class EventStore:
 
     async def unpublished(self, *, limit: int = 500) -> list[PendingEvent]:
         """This worker's outbox rows to publish (its own and those it took over), oldest first."""
+        await self.flush_marks()  # rows that went out are not read back as waiting
 
         async def read() -> list[tuple[Any, ...]]:
             async with self._hot(transaction=False) as sql:
@@ -433,8 +458,55 @@ class EventStore:
 
         await _again_if_dropped(mark)
 
+    async def mark_published_soon(self, event_ids: Sequence[str]) -> None:
+        """`mark_published`, in the next group commit's transaction rather than one of its own.
+
+        The relay publishes a batch's outcomes right after its commit, and the next batch's commit
+        follows within milliseconds under load: marking in it saves a transaction a batch (a
+        BEGIN and a COMMIT with its WAL write on SQLite, three round trips on PostgreSQL). When no
+        commit comes within `MARK_DELAY`, the rows are marked on their own. Until then they stay
+        unpublished in the table: every read of it (`unpublished`, `outbox_backlog`) marks them
+        first, and a crash meanwhile publishes them once more, as a crash between a publish and
+        its mark always could (consumers dedupe on `event_id`).
+        """
+        if not event_ids:
+            return
+        if not self.committer.started:
+            await self.mark_published(event_ids)
+            return
+        self._unmarked.extend(event_ids)
+        loop = asyncio.get_running_loop()
+        if self._mark_timer is None or self._mark_timer_loop is not loop:
+            self._mark_timer = loop.call_later(MARK_DELAY, self._marks_due)
+            self._mark_timer_loop = loop
+
+    def _marks_due(self) -> None:
+        self._mark_timer = None
+        if self._unmarked:
+            task = asyncio.get_running_loop().create_task(self._mark_late(), name="outbox-marks")
+            self._mark_tasks.add(task)
+            task.add_done_callback(self._mark_tasks.discard)
+
+    async def _mark_late(self) -> None:
+        try:
+            await self.flush_marks()
+        except Exception as exc:  # noqa: BLE001 - kept; the next commit or the next round marks them
+            log.warning("published outbox rows not marked yet", rows=len(self._unmarked), error=repr(exc))
+            if self._mark_timer is None:
+                self._mark_timer = asyncio.get_running_loop().call_later(CHECKPOINT_SECONDS * 2, self._marks_due)
+
+    async def flush_marks(self) -> None:
+        """Mark now what `mark_published_soon` holds (kept for the next try when it fails)."""
+        marks, self._unmarked = self._unmarked, []
+        try:
+            await self.mark_published(marks)
+        except BaseException:
+            self._unmarked[:0] = marks
+            raise
+
     async def outbox_backlog(self) -> tuple[int, float]:
         """Unpublished rows and the age in seconds of the oldest one."""
+        await self.flush_marks()
         async with self.engine.connect() as conn:
             count, oldest = (
                 await conn.execute(

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 from faststream.message import StreamMessage
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from streams import store as store_module
 from streams.envelope import Envelope, Transport
 from streams.relay import EventPublisher, Relay
-from streams.store import EventStore, PendingEvent
+from streams.store import Commit, ConcurrencyError, EventStore, PendingEvent
 from streams.tables import outbox
-from tests.store import envelope, sent
+from tests.store import envelope, new_id, sent
 
 WAIT = 10.0  # seconds: a safety bound on conditions, never an expectation of speed
 
@@ -339,3 +340,105 @@ async def test_flush_publishes_memory_and_table(store: EventStore) -> None:
     await relay.flush()
     assert broker.event_ids == ids
     assert await store.unpublished() == []
+
+
+# -- marking published rows in the next group commit ------------------------------------------
+
+
+async def unmarked_in_table(store: EventStore, event_ids: Collection[str]) -> set[str]:
+    """Which of these event ids the outbox table still holds as unpublished (read past the store)."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(
+            select(outbox.c.event_id).where(outbox.c.published_at.is_(None), outbox.c.event_id.in_(list(event_ids)))
+        )
+        return {r[0] for r in rows}
+
+
+async def test_published_rows_are_marked_in_the_next_group_commit(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay's marks ride along in the next commit's transaction: no transaction of their own."""
+    monkeypatch.setattr(store_module, "MARK_DELAY", 60.0)  # no mark on their own during the test
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    ids = await commit_events(store, 3)
+    alone: list[Sequence[str]] = []
+
+    async def mark_alone(event_ids: Sequence[str]) -> None:
+        if event_ids:
+            alone.append(event_ids)
+
+    monkeypatch.setattr(store, "mark_published", mark_alone)
+    await relay.relay_once(claim=False)
+    assert broker.event_ids == ids
+    assert await unmarked_in_table(store, ids) == set(ids), "held for the next commit"
+    await store.commit(sent())
+    assert await unmarked_in_table(store, ids) == set(), "which marked them"
+    assert alone == [], "in its own transaction"
+    assert await relay.relay_once() == 1
+    assert len(broker.log) == 4, "the new row only: nothing twice"
+
+
+async def test_without_a_commit_published_rows_are_marked_on_their_own(store: EventStore) -> None:
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    ids = await commit_events(store, 2)
+    await relay.relay_once(claim=False)
+
+    async def marked() -> bool:
+        return not await unmarked_in_table(store, ids)
+
+    await eventually(marked)  # within MARK_DELAY of the publish, bounded here by WAIT
+
+
+async def test_reads_of_the_outbox_never_see_published_rows_as_waiting(store: EventStore) -> None:
+    """`unpublished` (the relay's table read) and the backlog gauge mark held rows first."""
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    ids = await commit_events(store, 3)
+    await relay.relay_once(claim=False)
+    assert await store.outbox_backlog() == (0, 0.0)
+    await store.mark_published_soon([])  # nothing to hold
+    later = await commit_events(store, 1)
+    relay._scan = True  # a table read next, as after a failure or a takeover
+    await relay.relay_once(claim=False)
+    assert await store.unpublished() == []
+    assert broker.event_ids == ids + later, "each once"
+
+
+async def test_a_failed_commit_keeps_the_marks_it_carried(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marks of a transaction that rolled back are not lost: the next one writes them."""
+    monkeypatch.setattr(store_module, "MARK_DELAY", 60.0)
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    clash = sent()
+    await store.commit(clash)
+    ids = [clash.events[0].event_id, *await commit_events(store, 2)]
+    await relay.relay_once(claim=False)
+    again = Commit(f"email-{new_id()}", clash.events, clash.env)  # the same event id: a unique violation
+    with pytest.raises(ConcurrencyError):
+        await store.commit(again)
+    assert await unmarked_in_table(store, ids) == set(ids), "rolled back with the failed commit"
+    await store.commit(sent())
+    assert await unmarked_in_table(store, ids) == set()
+
+
+async def test_closing_the_store_marks_what_it_holds(store_url: str) -> None:
+    store = EventStore(store_url)
+    await store.start()
+    broker = FakeBroker()
+    relay = Relay(store, broker.outlets())
+    relay.listen()
+    ids = await commit_events(store, 2)
+    await relay.relay_once(claim=False)
+    await store.close()
+    reopened = EventStore(store_url)
+    await reopened.start()
+    try:
+        assert await unmarked_in_table(reopened, ids) == set()
+    finally:
+        await reopened.close()
