@@ -25,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import logging
 import struct
+import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiormq
 import aiormq.connection
 import pamqp.frame
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import AMQPConnectionError
 from pamqp import body as pamqp_body
 from pamqp import commands as spec
@@ -208,6 +210,70 @@ class FrameReader(aiormq.connection.FrameReceiver):
 def install() -> None:
     """Make every aiormq connection opened from now on read with `FrameReader`."""
     aiormq.connection.FrameReceiver = FrameReader  # type: ignore[misc]
+
+
+# -- deliveries without a task each --------------------------------------------------------------
+
+OnDelivery = Callable[[DeliveredMessage], None]
+
+
+async def consume_inline(channel: aiormq.Channel, queue: str, on_delivery: OnDelivery) -> str:
+    """`basic_consume`, with the deliveries handed to `on_delivery`, a plain function, in the
+    channel's reader; returns the consumer tag.
+
+    aiormq starts a task for every delivery to run its consumer coroutine (a task, a wrapper, a
+    weak reference in the channel's future store, a done callback): 42 -> 33 µs of CPU a delivery
+    in a side-by-side consumer. A lane's consumer only queues the delivery for its next batch:
+    called inline it costs a function call, and sees deliveries in the order they arrived (which
+    acknowledgements with `multiple` rely on). It is in place before the consumer starts, so no
+    delivery takes the other way. `on_delivery` must not block; what it raises is logged as
+    aiormq logs a failed consumer. Other consumers of the channel get their tasks as before.
+    """
+    inline = _inline_consumers(channel)
+    tag = f"ctag{channel.number}.{uuid.uuid4().hex}"
+    inline[tag] = on_delivery
+
+    async def by_task(message: DeliveredMessage) -> None:  # what aiormq calls it, were it ever to
+        on_delivery(message)
+
+    try:
+        await channel.basic_consume(queue, by_task, consumer_tag=tag)
+    except BaseException:
+        inline.pop(tag, None)
+        raise
+    return tag
+
+
+def _inline_consumers(channel: aiormq.Channel) -> dict[str, OnDelivery]:
+    inline: dict[str, OnDelivery] | None = getattr(channel, "_inline_consumers", None)
+    if inline is not None:
+        return inline
+    inline = {}
+    channel._inline_consumers = inline  # type: ignore[attr-defined]
+    by_task = channel._on_deliver_frame
+
+    async def on_deliver_frame(frame: spec.Basic.Deliver) -> None:
+        tag = frame.consumer_tag
+        callback = inline.get(tag) if tag is not None and tag in channel.consumers else None
+        if callback is None:  # another consumer, or one cancelled: aiormq's way
+            await by_task(frame)
+            return
+        # What aiormq's reader does before it starts the consumer's task: the content header,
+        # then the body frames.
+        header = await channel._get_frame()
+        if not isinstance(header, pamqp_header.ContentHeader):
+            raise ValueError(f"Unexpected frame {header!r} instead of ContentHeader", header)
+        message = await channel._read_content(frame, header)
+        try:
+            callback(message)
+        except Exception:  # noqa: BLE001 - as aiormq's consumer task: logged, the channel reads on
+            _consumer_log.exception("Consumer callback failed")
+
+    channel._on_deliver_frame = on_deliver_frame  # type: ignore[method-assign]
+    return inline
+
+
+_consumer_log = logging.getLogger("aiormq.channel")
 
 
 def split_frames(buffer: bytes, into: deque[ReceivedFrame]) -> int:

@@ -1,17 +1,18 @@
-"""`streams.amqp.publish_confirmed` against the real RabbitMQ: many publishes in one write arrive
-as that many `basic_publish` calls would deliver them."""
+"""`streams.amqp` against the real RabbitMQ: many publishes in one write (`publish_confirmed`)
+arrive as that many `basic_publish` calls would deliver them; deliveries handed to a plain
+function (`consume_inline`) arrive whole, in order, and leave the channel's other consumers alone."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiormq
 import pytest
 from pamqp import commands as spec
 
-from streams.amqp import publish_confirmed
+from streams.amqp import consume_inline, publish_confirmed
 from tests.connected.conftest import RABBIT_URL
 
 
@@ -102,3 +103,84 @@ async def test_a_publish_to_a_missing_exchange_raises_and_the_channel_is_not_lef
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         async with asyncio.timeout(10):
             await publish_confirmed(channel, f"missing.{uuid.uuid4().hex}", [("k", b"x", spec.Basic.Properties())])
+
+
+# -- consume_inline -----------------------------------------------------------------------------
+
+
+async def _publish(ch: aiormq.Channel, queue: str, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        await ch.basic_publish(f"{i}".encode(), routing_key=queue, properties=spec.Basic.Properties(message_id=f"{i}"))
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110 - set by the channel's reader: nothing else to await
+            await asyncio.sleep(0.01)
+
+
+async def test_inline_deliveries_arrive_in_order_in_the_channels_reader(channel: aiormq.Channel) -> None:
+    """Every delivery reaches the plain function, in publish order, whole, with no task of its own."""
+    declared = await channel.queue_declare("", exclusive=True)
+    assert declared.queue is not None
+    got: list[aiormq.abc.DeliveredMessage] = []
+    tasks: set[asyncio.Task[object] | None] = set()
+
+    def on_delivery(message: aiormq.abc.DeliveredMessage) -> None:
+        got.append(message)
+        tasks.add(asyncio.current_task())
+
+    await _publish(channel, declared.queue, 100)
+    tag = await consume_inline(channel, declared.queue, on_delivery)
+    await _until(lambda: len(got) == 100)
+    assert [m.body for m in got] == [f"{i}".encode() for i in range(100)]
+    assert [m.header.properties.message_id for m in got] == [f"{i}" for i in range(100)]
+    assert {getattr(m.delivery, "consumer_tag", None) for m in got} == {tag}
+    assert [m.delivery_tag for m in got] == list(range(1, 101)), "tags in order: one ack with multiple covers a run"
+    assert len(tasks) == 1, "all called from one task, the channel's reader: none started a delivery"
+
+
+async def test_a_failing_inline_consumer_is_logged_and_the_channel_keeps_delivering(
+    channel: aiormq.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    declared = await channel.queue_declare("", exclusive=True)
+    assert declared.queue is not None
+    got: list[bytes] = []
+
+    def on_delivery(message: aiormq.abc.DeliveredMessage) -> None:
+        if message.body == b"1":
+            raise RuntimeError("consumer bug")
+        got.append(message.body)
+
+    await consume_inline(channel, declared.queue, on_delivery)
+    await _publish(channel, declared.queue, 3)
+    await _until(lambda: len(got) == 2)
+    assert got == [b"0", b"2"]
+    assert "Consumer callback failed" in caplog.text
+    assert not channel.is_closed
+
+
+async def test_other_consumers_of_the_channel_keep_aiormqs_way_and_a_cancel_stops_inline_deliveries(
+    channel: aiormq.Channel,
+) -> None:
+    inline_q = await channel.queue_declare("", exclusive=True)
+    task_q = await channel.queue_declare("", exclusive=True)
+    assert inline_q.queue is not None
+    assert task_q.queue is not None
+    inline_got: list[bytes] = []
+    task_got: list[bytes] = []
+
+    async def by_task(message: aiormq.abc.DeliveredMessage) -> None:
+        task_got.append(message.body)
+
+    tag = await consume_inline(channel, inline_q.queue, lambda m: inline_got.append(m.body))
+    await channel.basic_consume(task_q.queue, by_task)
+    await _publish(channel, inline_q.queue, 2)
+    await _publish(channel, task_q.queue, 2)
+    await _until(lambda: len(inline_got) == 2 and len(task_got) == 2)
+    await channel.basic_cancel(tag)
+    await _publish(channel, inline_q.queue, 1, start=2)
+    await _publish(channel, task_q.queue, 1, start=2)
+    await _until(lambda: len(task_got) == 3)  # the other consumer's delivery came after this one's
+    assert inline_got == [b"0", b"1"], "nothing after the cancel"
+    assert (await channel.queue_declare(inline_q.queue, passive=True)).message_count == 1, "it waits in the queue"
