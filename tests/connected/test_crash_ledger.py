@@ -63,3 +63,49 @@ async def test_concurrent_runs_share_round_trips_when_started(client: aioredis.R
         assert ledger._starts.batches < 20, "the starts shared round trips"
     finally:
         await ledger.stop()
+
+
+async def test_counts_survive_redis_forgetting_its_scripts_and_dropping_the_connection(
+    client: aioredis.Redis,
+) -> None:
+    """The ledger's own connections: a script Redis no longer knows (it restarted) is loaded again,
+    and a connection Redis dropped is made anew; what failed on it says so, the next count works."""
+    ledger = CrashLedger(client)
+    ledger.start()
+    try:
+        first, second, third = envelope(), envelope(), envelope()
+        await ledger.handler_started(first)
+        await client.script_flush()
+        await ledger.handler_started(second)
+        assert await ledger.crashes(second) == 1, "counted after the script was loaded again"
+        await ledger.handler_returned(first)
+        assert await client.exists(ledger_key(first)) == 0
+        for calls in (ledger._start_calls, ledger._end_calls):  # Redis drops the ledger's connections
+            host, port = calls._connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
+            await client.client_kill_filter(_id=None, addr=f"{host}:{port}")
+        await ledger.handler_started(third)  # on the dropped connection: logged, not counted
+        await ledger.handler_started(third)
+        assert await ledger.crashes(third) == 1, "the next count went out on a new connection"
+        await ledger.handler_returned(second)  # on the dropped connection: retried in the background
+
+        async def second_uncounted() -> None:
+            while await client.exists(ledger_key(second)):  # noqa: ASYNC110 - the key lives in Redis
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(second_uncounted(), 10)
+    finally:
+        await ledger.stop()
+        await client.delete(ledger_key(third))
+
+
+async def test_counts_made_before_start_go_out_one_at_a_time_on_the_ledgers_connection(
+    client: aioredis.Redis,
+) -> None:
+    """Not started, every count is its own call; side by side they still share the connection safely."""
+    ledger = CrashLedger(client)
+    envs = [envelope() for _ in range(20)]
+    await asyncio.gather(*(ledger.handler_started(e) for e in envs))
+    assert [await ledger.crashes(e) for e in envs] == [1] * 20
+    await asyncio.gather(*(ledger.handler_returned(e) for e in envs))
+    assert await client.exists(*(ledger_key(e) for e in envs)) == 0
+    await ledger.stop()
