@@ -156,16 +156,15 @@ class _ScriptCalls:
     back (a lock, observability hooks, a health check), and packs every argument generically:
     215-257 -> 123-138 us of CPU a call of 16 keys side by side, and the ledger makes two calls
     for every 16 handlers. The connection is made as the client's pool makes its own (URL,
-    credentials, TLS, database), on first use and again after it broke; a script Redis does not
+    credentials, TLS, database), on first use, and again after it broke; a script Redis does not
     know (it restarted: it keeps no scripts) is loaded and the call made once more.
     """
 
     def __init__(self, script: AsyncScript) -> None:
         self.script = script
-        pool = cast(aioredis.Redis, script.registered_client).connection_pool
-        self._connection = cast(Connection, pool.connection_class(**pool.connection_kwargs))
+        self._connection: Connection | None = None  # made on first use
         self._one_at_a_time = asyncio.Lock()  # before `start` (or after `stop`) units are written alone, at once
-        self._head = b"*%d\r\n$7\r\nEVALSHA\r\n" + _bulk(script.sha.encode())
+        self._head = b""
 
     async def __call__(self, keys: Sequence[str], *args: int) -> Any:
         try:
@@ -175,10 +174,14 @@ class _ScriptCalls:
             return await self._call(keys, args)
 
     async def _call(self, keys: Sequence[str], args: tuple[int, ...]) -> Any:
+        if self._connection is None:
+            pool = cast(aioredis.Redis, self.script.registered_client).connection_pool
+            self._connection = cast(Connection, pool.connection_class(**pool.connection_kwargs))
+            self._head = b"*%d\r\n$7\r\nEVALSHA\r\n" + _bulk(self.script.sha.encode())
+        connection = self._connection
         parts = [self._head % (3 + len(keys) + len(args)), _bulk(b"%d" % len(keys))]
         parts += [_bulk(key.encode()) for key in keys]
         parts += [_bulk(b"%d" % arg) for arg in args]
-        connection = self._connection
         async with self._one_at_a_time:
             try:
                 await connection.send_packed_command(b"".join(parts), check_health=False)
@@ -190,7 +193,8 @@ class _ScriptCalls:
                 raise
 
     async def close(self) -> None:
-        await self._connection.disconnect()
+        if self._connection is not None:
+            await self._connection.disconnect()
 
 
 def _bulk(value: bytes) -> bytes:

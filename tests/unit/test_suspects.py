@@ -110,6 +110,7 @@ class DownRedis:
 async def test_an_unreachable_ledger_calls_nothing_poison_and_does_not_fail_the_message() -> None:
     """Redis down: the broker's count (which charges innocent neighbours) is not used; nothing raises."""
     ledger = CrashLedger(cast(Any, DownRedis()))
+    ledger._start_calls = ledger._end_calls = cast(Any, DownRedis().register_script(""))  # its own connections
     env = Envelope(transport="rabbit", source="email", message_id="m1", correlation_id="c1", body=b"{}", redeliveries=7)
     assert await ledger.crashes(env) == 0
     await ledger.handler_started(env)
@@ -150,6 +151,7 @@ async def test_a_decrement_refused_during_a_redis_restart_is_retried(monkeypatch
     monkeypatch.setattr(suspects, "RETRY_FIRST", 0.01)
     script = FlakyScript(failures=2)
     ledger = CrashLedger(cast(Any, RestartingRedis(script)))
+    ledger._end_calls = cast(Any, DownRedis().register_script(""))  # the ledger's own connection: refused
     env = Envelope(transport="redis", source="email", message_id="m1", correlation_id="c1", body=b"{}")
     await ledger.handler_returned(env)  # does not raise
     await asyncio.wait_for(script.landed.wait(), 5)
