@@ -109,42 +109,20 @@ def evolve_email(state: EmailState | None, ev: Recorded) -> EmailState | None:
         return state
     s = state or EmailState(ev.stream_id.removeprefix("email-"), None, None, "pending", 0, None, None, ev.position)
     d = ev.data
-    if ev.type == "message.retry_scheduled":
-        if s.status in TERMINAL_EMAIL:
-            return replace(s, position=ev.position)
-        return replace(
-            s, position=ev.position, status="retrying", attempts=max(s.attempts, int(d.get("attempt", 1)) + 1)
-        )
+    # Built field by field, not with `replace` (4-5 us an event, the live fold's largest part).
     if ev.type == "email.sent":
-        return replace(
-            s,
-            position=ev.position,
-            status="sent",
-            recipient=d.get("to"),
-            subject=d.get("subject"),
-            provider_id=d.get("provider_id"),
-            reason=None,
-            attempts=max(s.attempts, 1),
-        )
+        to, subject, provider_id = d.get("to"), d.get("subject"), d.get("provider_id")
+        return EmailState(s.message_id, to, subject, "sent", max(s.attempts, 1), provider_id, None, ev.position)
     if ev.type == "email.failed":
-        return replace(
-            s,
-            position=ev.position,
-            status="failed",
-            recipient=d.get("to"),
-            reason=d.get("reason"),
-            attempts=max(s.attempts, 1),
-        )
-    if ev.type == "message.dead_lettered":
-        status = s.status if s.status in TERMINAL_EMAIL else "dead-lettered"
-        return replace(
-            s,
-            position=ev.position,
-            status=status,
-            attempts=max(s.attempts, int(d.get("attempts", 0))),
-            reason=s.reason or d.get("exception_message"),
-        )
-    return replace(s, position=ev.position)
+        to, reason = d.get("to"), d.get("reason")
+        return EmailState(s.message_id, to, s.subject, "failed", max(s.attempts, 1), s.provider_id, reason, ev.position)
+    status, attempts, reason = s.status, s.attempts, s.reason
+    if ev.type == "message.retry_scheduled" and status not in TERMINAL_EMAIL:
+        status, attempts = "retrying", max(attempts, int(d.get("attempt", 1)) + 1)
+    elif ev.type == "message.dead_lettered":
+        status = status if status in TERMINAL_EMAIL else "dead-lettered"
+        attempts, reason = max(attempts, int(d.get("attempts", 0))), reason or d.get("exception_message")
+    return EmailState(s.message_id, s.recipient, s.subject, status, attempts, s.provider_id, reason, ev.position)
 
 
 def fold(
