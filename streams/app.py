@@ -182,6 +182,7 @@ async def after_shutdown() -> None:
     await keepalive.stop()
     await crash_ledger.stop()
     await pipeline.close()
+    await redis_outlet.close()
     await ADAPTERS.close()
     await redis_client.aclose()
     await store.close()

@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.logging import get_logger
+from streams.resp import PackedConnection, bulk
 
 log = get_logger("pipeline.suspects")
 
@@ -150,21 +150,19 @@ class CrashLedger:
 
 
 class _ScriptCalls:
-    """EVALSHA of one script on a connection of its own, the command packed here, one call at a time.
+    """EVALSHA of one script on a connection of its own (`PackedConnection`), packed here.
 
     A call through the client (`Script.__call__`) takes a connection from the pool and gives it
     back (a lock, observability hooks, a health check), and packs every argument generically:
     215-257 -> 123-138 us of CPU a call of 16 keys side by side, and the ledger makes two calls
-    for every 16 handlers. The connection is made as the client's pool makes its own (URL,
-    credentials, TLS, database), on first use, and again after it broke; a script Redis does not
-    know (it restarted: it keeps no scripts) is loaded and the call made once more.
+    for every 16 handlers. A script Redis does not know (it restarted: it keeps no scripts) is
+    loaded and the call made once more.
     """
 
     def __init__(self, script: AsyncScript) -> None:
         self.script = script
-        self._connection: Connection | None = None  # made on first use
-        self._one_at_a_time = asyncio.Lock()  # before `start` (or after `stop`) units are written alone, at once
-        self._head = b""
+        self._connection: PackedConnection | None = None  # made on first use
+        self._head = b"*%d\r\n$7\r\nEVALSHA\r\n"
 
     async def __call__(self, keys: Sequence[str], *args: int) -> Any:
         try:
@@ -174,31 +172,17 @@ class _ScriptCalls:
             return await self._call(keys, args)
 
     async def _call(self, keys: Sequence[str], args: tuple[int, ...]) -> Any:
+        parts = [self._head % (3 + len(keys) + len(args)), bulk(self.script.sha.encode()), bulk(b"%d" % len(keys))]
+        parts += [bulk(key.encode()) for key in keys]
+        parts += [bulk(b"%d" % arg) for arg in args]
         if self._connection is None:
-            pool = cast(aioredis.Redis, self.script.registered_client).connection_pool
-            self._connection = cast(Connection, pool.connection_class(**pool.connection_kwargs))
-            self._head = b"*%d\r\n$7\r\nEVALSHA\r\n" + _bulk(self.script.sha.encode())
-        connection = self._connection
-        parts = [self._head % (3 + len(keys) + len(args)), _bulk(b"%d" % len(keys))]
-        parts += [_bulk(key.encode()) for key in keys]
-        parts += [_bulk(b"%d" % arg) for arg in args]
-        async with self._one_at_a_time:
-            try:
-                await connection.send_packed_command(b"".join(parts), check_health=False)
-                return await connection.read_response()
-            except ResponseError:
-                raise  # Redis answered: the connection is fine
-            except BaseException:
-                await connection.disconnect(nowait=True)  # a reply may still be on its way: start afresh
-                raise
+            self._connection = PackedConnection(cast(aioredis.Redis, self.script.registered_client))
+        (answer,) = await self._connection.exchange(b"".join(parts), 1)
+        return answer
 
     async def close(self) -> None:
         if self._connection is not None:
-            await self._connection.disconnect()
-
-
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
+            await self._connection.close()
 
 
 class Isolation:

@@ -81,7 +81,7 @@ async def test_counts_survive_redis_forgetting_its_scripts_and_dropping_the_conn
         await ledger.handler_returned(first)
         assert await client.exists(ledger_key(first)) == 0
         for calls in (ledger._start_calls, ledger._end_calls):  # Redis drops the ledger's connections
-            host, port = calls._connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
+            host, port = calls._connection._connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
             await client.client_kill_filter(_id=None, addr=f"{host}:{port}")
         await ledger.handler_started(third)  # on the dropped connection: logged, not counted
         await ledger.handler_started(third)
