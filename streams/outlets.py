@@ -22,7 +22,7 @@ from pamqp import commands as spec
 from streams import names, scheduler, topology
 from streams.amqp import publish_confirmed
 from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
-from streams.resp import PackedConnection, bulk, faststream_entry
+from streams.resp import PackedConnection, bulk, faststream_entry, parse_faststream_entry
 from streams.store import PendingEvent
 
 DATA_KEY = b"__data__"
@@ -221,7 +221,7 @@ class RedisOutlet:
         """The Envelope of one stream entry: its id and its fields as stored."""
         data = fields.get(DATA_KEY)
         if data is not None:
-            body, envelope_headers = BinaryMessageFormatV1.parse(data)
+            body, envelope_headers = parse_faststream_entry(data)
             headers = _text_headers(envelope_headers)
         else:
             # A plain entry written by a non-FastStream producer: its fields are the message.

@@ -7,7 +7,8 @@ reads their replies, one exchange at a time. Used by the crash ledger's scripts
 (`streams.suspects`) and the outcome XADDs (`streams.outlets.RedisOutlet`).
 
 `faststream_entry` is FastStream's `BinaryMessageFormatV1` envelope, byte for byte as
-FastStream encodes it for ASCII headers, without its per-message codec and writer objects.
+FastStream encodes it for ASCII headers, without its per-message codec and writer objects;
+`parse_faststream_entry` reads one as FastStream's parser does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from faststream.redis.parser.binary import BinaryMessageFormatV1
 from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
@@ -89,3 +91,44 @@ def faststream_entry(body: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
     return b"".join(
         (_ENVELOPE_MAGIC, _offsets(_HEADERS_START, _HEADERS_START + 2 + len(packed), len(headers)), packed, body)
     )
+
+
+_unpack_offsets = struct.Struct(">II").unpack_from
+_unpack_short = struct.Struct(">H").unpack_from
+
+
+def parse_faststream_entry(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    """What `BinaryMessageFormatV1.parse` returns for `data`: the body and the headers.
+
+    A well-formed version 1 envelope is read here, with the same slices as FastStream's reader
+    (4.1 -> about 1 us an entry); anything else (another format, a cut or damaged envelope)
+    goes to FastStream's own parser, which decides what it is.
+    """
+    size = len(data)
+    if size >= _HEADERS_START and data.startswith(_ENVELOPE_MAGIC):
+        headers_start, data_start = _unpack_offsets(data, len(_ENVELOPE_MAGIC))
+        at = headers_start + 2
+        if at <= size and data_start <= size:
+            (count,) = _unpack_short(data, headers_start)
+            headers: dict[str, Any] = {}
+            try:
+                for _ in range(count):
+                    if at + 2 > size:
+                        break
+                    (n,) = _unpack_short(data, at)
+                    at += 2
+                    if at + n + 2 > size:
+                        break
+                    key = data[at : at + n].decode()
+                    at += n
+                    (n,) = _unpack_short(data, at)
+                    at += 2
+                    if at + n > size:
+                        break
+                    headers[key] = data[at : at + n].decode()
+                    at += n
+                else:
+                    return data[data_start:], headers
+            except UnicodeDecodeError:
+                pass
+    return BinaryMessageFormatV1.parse(data)
