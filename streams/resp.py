@@ -14,6 +14,7 @@ FastStream encodes it for ASCII headers, without its per-message codec and write
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any, cast
@@ -43,22 +44,25 @@ class PackedConnection:
 
         A reply that is an error is raised once all of them are read (the connection stays in
         step); any other failure drops the connection, since a reply may still be on its way.
+        The connection's socket timeout bounds the whole exchange: a timeout scope a reply (what
+        `read_response` opens by itself) was most of the CPU of reading 128 XADD replies.
         """
         if self._connection is None:
             pool = self.client.connection_pool
             self._connection = cast(Connection, pool.connection_class(**pool.connection_kwargs))
         connection = self._connection
+        answers: list[Any] = []
+        error: ResponseError | None = None
         async with self._one_at_a_time:
             try:
-                await connection.send_packed_command(packed, check_health=False)
-                answers: list[Any] = []
-                error: ResponseError | None = None
-                for _ in range(replies):
-                    try:
-                        answers.append(await connection.read_response())
-                    except ResponseError as exc:
-                        error = error or exc
-                        answers.append(exc)
+                async with asyncio.timeout(connection.socket_timeout):
+                    await connection.send_packed_command(packed, check_health=False)
+                    for _ in range(replies):
+                        try:
+                            answers.append(await connection.read_response(timeout=math.inf))
+                        except ResponseError as exc:
+                            error = error or exc
+                            answers.append(exc)
             except BaseException:
                 await connection.disconnect(nowait=True)
                 raise
