@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -333,13 +333,17 @@ class EventStore:
             # SQLite reads inline on the loop: a shared query saves a statement of microseconds,
             # the hop to the reader costs a future and a queue round a message.
             return await self._seen_many(keys)
-        return list(await asyncio.gather(*self.inbox_reader.submit_many(keys)))
+        seen = await self.inbox_reader.submit_many(keys)
+        for answer in seen:
+            if isinstance(answer, BaseException):
+                raise answer
+        return cast(list[bool], seen)
 
     async def commit_many(self, units: Sequence[Commit]) -> list[Committed | BaseException]:
         """Several messages' changes, in transactions shared as `commit`; each result or its error."""
         if not self.committer.started:
             return list(await asyncio.gather(*(self.commit(u) for u in units), return_exceptions=True))
-        return list(await asyncio.gather(*self.committer.submit_many(units), return_exceptions=True))
+        return await self.committer.submit_many(units)
 
     async def commit(self, unit: Commit) -> Committed:
         """Write one message's changes, in a transaction shared with concurrent commits."""

@@ -75,10 +75,14 @@ async def test_a_unit_of_another_key_is_written_while_a_transaction_is_held_up()
 async def test_units_of_one_key_are_written_in_order_and_never_at_once() -> None:
     """50 units of one key, submitted together with others while its writer is held: in order, one batch at a time."""
     async with held(writers=3) as (committer, writes, first):
-        rest = committer.submit_many([("slow", n) for n in range(1, 50)] + [(f"k{n}", n) for n in range(20)])
+        rest = asyncio.ensure_future(
+            committer.submit_many([("slow", n) for n in range(1, 50)] + [(f"k{n}", n) for n in range(20)])
+        )
+        await asyncio.sleep(0)  # queued (submit_many queues before its first wait) while "slow" is held
+        assert not rest.done()
         writes.release.set()
         assert await first == 0
-        results = await asyncio.wait_for(asyncio.gather(*rest), 2)
+        results = await asyncio.wait_for(rest, 2)
         assert results[:49] == list(range(1, 50))
         written = [n for batch in writes.batches for key, n in batch if key == "slow"]
         assert written == list(range(50))
@@ -93,3 +97,60 @@ def test_several_writers_need_a_partition_key() -> None:
 
     with pytest.raises(ValueError, match="partition"):
         GroupCommitter(write, writers=2)
+
+
+class RecordedWrites:
+    """A `write` that records batch sizes and fails any batch holding a negative unit."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def __call__(self, units: Sequence[int]) -> list[int]:
+        self.sizes.append(len(units))
+        if any(u < 0 for u in units):
+            raise ValueError(f"bad unit in {len(units)}")
+        return [u * 10 for u in units]
+
+
+async def test_a_failing_unit_fails_alone_and_the_others_of_its_batch_commit() -> None:
+    writes = RecordedWrites()
+    committer: GroupCommitter[int, int] = GroupCommitter(writes)
+    committer.start()
+    try:
+        results = await committer.submit_many([1, -2, 3])
+        assert results[0] == 10
+        assert isinstance(results[1], ValueError)
+        assert results[2] == 30
+        assert writes.sizes == [3, 1, 1, 1], "the batch, then each unit alone"
+        with pytest.raises(ValueError, match="bad unit"):
+            await committer.submit(-1)
+        assert await committer.submit(4) == 40
+    finally:
+        await committer.stop()
+
+
+async def test_units_queued_together_share_batches_of_at_most_max_batch() -> None:
+    writes = RecordedWrites()
+    committer: GroupCommitter[int, int] = GroupCommitter(writes, max_batch=256)
+    committer.start()
+    try:
+        big, *small = await asyncio.gather(
+            committer.submit_many(list(range(600))), *(committer.submit_many(list(range(100))) for _ in range(3))
+        )
+        assert big == [u * 10 for u in range(600)]
+        assert all(r == [u * 10 for u in range(100)] for r in small)
+        assert sum(writes.sizes) == 900
+        assert max(writes.sizes) <= 256
+        assert len(writes.sizes) <= 5, writes.sizes  # 256, 256, 88 + 100, 100 + 100 (or better)
+    finally:
+        await committer.stop()
+
+
+async def test_before_start_each_unit_is_written_alone() -> None:
+    writes = RecordedWrites()
+    committer: GroupCommitter[int, int] = GroupCommitter(writes)
+    results = await committer.submit_many([1, -1, 2])
+    assert results[0] == 10
+    assert isinstance(results[1], ValueError)
+    assert results[2] == 20
+    assert writes.sizes == [1, 1, 1]
