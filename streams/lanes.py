@@ -113,10 +113,13 @@ class _Route:
         ctx = delivery.envelope.context
         await self.pipeline.run(delivery, self.flow, cmd, lambda: self.handler(cmd, ctx))
 
-    async def process_batch(self, envs: Sequence[Envelope]) -> list[bool]:
+    async def process_batch(
+        self, envs: Sequence[Envelope], done: Callable[[list[int]], None] | None = None
+    ) -> list[bool]:
         """Deliveries that arrived together: first deliveries that decode go through `run_batch`,
         side by side; the rest (redelivered, oversized, undecodable, or while the breaker is not
-        closed) one by one through `process`. Per delivery: acknowledge it, or leave it to the broker."""
+        closed) one by one through `process`. Per delivery: acknowledge it, or leave it to the broker.
+        `done` gets, as soon as their outcomes are committed, the positions of those that are done."""
         pipeline = self.pipeline
         fast: list[tuple[Delivery, Any]] = []
         fast_at: list[int] = []
@@ -143,10 +146,16 @@ class _Route:
                 acks[i] = False
                 log.error("failure not handled; the message is left to the broker", error=repr(exc))
 
-        await asyncio.gather(self._fast(fast, fast_at, acks), *(one(i) for i in slow_at))
+        await asyncio.gather(self._fast(fast, fast_at, acks, done), *(one(i) for i in slow_at))
         return acks
 
-    async def _fast(self, fast: list[tuple[Delivery, Any]], at: list[int], acks: list[bool]) -> None:
+    async def _fast(
+        self,
+        fast: list[tuple[Delivery, Any]],
+        at: list[int],
+        acks: list[bool],
+        done: Callable[[list[int]], None] | None = None,
+    ) -> None:
         if not fast:
             return
         pipeline = self.pipeline
@@ -155,7 +164,14 @@ class _Route:
         try:
             async with pipeline.isolation.shared():
                 try:
-                    results = await pipeline.run_batch(self.flow, fast, self.handler)
+                    committed = None
+                    if done is not None:
+                        report = done
+
+                        def committed(results: Sequence[BaseException | None]) -> None:
+                            report([at[k] for k, exc in enumerate(results) if exc is None])
+
+                    results = await pipeline.run_batch(self.flow, fast, self.handler, committed)
                 except Exception as exc:  # noqa: BLE001 - the store or the ledger failed the whole batch
                     results = [exc] * len(fast)
                 failed = [(k, exc) for k, exc in enumerate(results) if exc is not None]
@@ -357,20 +373,36 @@ class RabbitLane:
         self._in_flight.spawn(self._work(batch))
 
     async def _work(self, batch: list[_Settled]) -> None:
+        early: set[int] = set()
+
+        def done(positions: list[int]) -> None:
+            # Committed (the outbox holds their outcomes): acknowledged now, not after the
+            # outcomes' confirms, so the window refills while they are awaited.
+            for i in positions:
+                early.add(i)
+                self._done[id(batch[i])] = True
+            self._schedule_flush()
+
         try:
-            acks = await self.route.process_batch([RabbitOutlet.framed(m.message, self.queue_name) for m in batch])
+            acks = await self.route.process_batch(
+                [RabbitOutlet.framed(m.message, self.queue_name) for m in batch], done
+            )
         except Exception as exc:  # noqa: BLE001 - their failure could not be handled: the broker keeps them
             acks = [False] * len(batch)
             log.error("failure not handled; the messages are rejected to the broker", error=repr(exc))
         finally:
             self._batches -= 1
             self._running_since = asyncio.get_running_loop().time()  # the other one's age is unknown: from now
-        for message, ack in zip(batch, acks, strict=True):
-            self._done[id(message)] = ack
+        for i, (message, ack) in enumerate(zip(batch, acks, strict=True)):
+            if i not in early:
+                self._done[id(message)] = ack
+        self._schedule_flush()
+        self._maybe_next_batch()  # stopping: what has not started stays unacknowledged, for the broker
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        self._maybe_next_batch()  # stopping: what has not started stays unacknowledged, for the broker
 
     def _flush(self) -> None:
         """Acknowledge every finished delivery: each unbroken run from the oldest with one `multiple`."""

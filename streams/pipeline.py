@@ -197,13 +197,16 @@ class Pipeline:
         flow: Flow[C],
         batch: Sequence[tuple[Delivery, C]],
         handler: Callable[[C, MessageContext], Awaitable[Event]],
+        committed: Callable[[Sequence[BaseException | None]], None] | None = None,
     ) -> list[BaseException | None]:
         """`run` for first deliveries of one flow, decoded, side by side, while its breaker is closed.
 
         What `run` does one message at a time is done here once for all: one inbox query, one
         crash-ledger round trip each way, the handlers concurrently, the outcomes into the group
         commit together. Returns, per delivery, None when it is done (handled or a duplicate) or
-        the exception it failed with, for `fail` to classify as it would from `run`.
+        the exception it failed with, for `fail` to classify as it would from `run`. `committed`
+        gets those same results once the outcomes are committed, before their publish is awaited:
+        what is done then may be acknowledged (the outbox holds its outcome).
         """
         for delivery, cmd in batch:
             delivery.command = cmd
@@ -229,7 +232,7 @@ class Pipeline:
             else:
                 faults.crash_at("after_handler", batch[i][0].envelope.body)
                 done.append((i, outcome))
-        await self._commit_batch(flow, batch, done, results)
+        await self._commit_batch(flow, batch, done, results, committed)
         return results
 
     async def _requested_batch(
@@ -287,8 +290,9 @@ class Pipeline:
         batch: Sequence[tuple[Delivery, C]],
         done: list[tuple[int, Event]],
         results: list[BaseException | None],
+        committed: Callable[[Sequence[BaseException | None]], None] | None = None,
     ) -> None:
-        """Commit each outcome with its inbox entry, the commits sharing transactions."""
+        """Commit each outcome with its inbox entry, the commits sharing transactions; then publish them."""
         units = []
         for i, outcome in done:
             delivery, cmd = batch[i]
@@ -300,11 +304,11 @@ class Pipeline:
         # whether a "handled" line would be written at all.
         latency: dict[Transport, Histogram] = {}
         logging_handled = log.isEnabledFor(logging.INFO)
-        for (i, outcome), committed in zip(done, await self.store.commit_many(units), strict=True):
+        for (i, outcome), written in zip(done, await self.store.commit_many(units), strict=True):
             env = batch[i][0].envelope
-            if isinstance(committed, BaseException):
-                results[i] = committed
-            elif committed.outcome is Outcome.DUPLICATE:
+            if isinstance(written, BaseException):
+                results[i] = written
+            elif written.outcome is Outcome.DUPLICATE:
                 metrics.DUPLICATES.labels(env.transport, env.source).inc()
                 log.info("duplicate skipped at commit", **_ids(env))
             else:
@@ -315,6 +319,8 @@ class Pipeline:
                 faults.crash_at("after_commit", env.body)
                 if logging_handled:
                     log.info("handled", event_type=outcome.TYPE, attempt=env.attempt, **_ids(env))
+        if committed is not None:
+            committed(results)
         if units:
             await self.relay.publish_committed()
 

@@ -417,3 +417,65 @@ async def test_a_failure_that_cannot_be_handled_leaves_the_message_to_the_broker
     monkeypatch.setattr(harness.module.rabbit_outlet, "retry_later", broker_down)
     batch = [delivered(json.dumps(GOOD).encode()) for _ in range(2)]
     assert await route(harness).process_batch(batch) == [False, False]
+
+
+async def test_committed_deliveries_are_reported_done_before_their_outcomes_are_published(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox holds their outcomes once committed: the lane may acknowledge them while the
+    outcomes' publish (and its confirms) is still awaited."""
+    outlet = harness.module.rabbit_outlet
+    publish = outlet.publish_events
+    publishing, gate = asyncio.Event(), asyncio.Event()
+
+    async def held(rows: Any) -> None:
+        publishing.set()
+        await gate.wait()
+        await publish(rows)
+
+    monkeypatch.setattr(outlet, "publish_events", held)
+    good = [delivered(json.dumps(GOOD).encode()) for _ in range(3)]
+    reported: list[list[int]] = []
+    batch = asyncio.ensure_future(route(harness).process_batch(good, reported.append))
+    try:
+        await asyncio.wait_for(publishing.wait(), 5)
+        assert reported == [[0, 1, 2]]
+        assert not batch.done(), "the batch itself still waits for its outcomes to go out"
+        for e in good:
+            assert await harness.module.store.seen(EMAIL.name, e.message_id), "committed when reported"
+    finally:
+        gate.set()
+    assert await asyncio.wait_for(batch, 5) == [True, True, True]
+    assert {e["message_id"] for e in harness.events("rabbit", names.EMAIL_SENT)} == {e.message_id for e in good}
+
+
+async def test_a_rabbit_lane_acknowledges_what_is_committed_before_its_batch_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lane_ = lane(prefetch=64)
+    lane_._started = True
+    log: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+
+    class Route:
+        async def process_batch(self, envs: list[Any], done: Any) -> list[bool]:
+            done([0, 1])  # committed; the third failed and is settled later
+            await gate.wait()  # the outcomes' confirms
+            return [True, True, False]
+
+    lane_.route = cast(Any, Route())
+    monkeypatch.setattr("streams.lanes.RabbitOutlet.framed", staticmethod(lambda message, queue: message))
+    messages = [FakeMessage(t, log, "ch") for t in (1, 2, 3)]
+    for m in messages:
+        m.message = None  # type: ignore[attr-defined]  # what the lane frames (not read here)
+        lane_._order.append(cast(Any, m))
+    work = asyncio.ensure_future(lane_._work(cast(Any, messages)))
+    await _until(lambda: log == [("ack-multiple", 2)])
+    assert not work.done()
+    gate.set()
+    await work
+    if lane_._acking:
+        await asyncio.wait(set(lane_._acking), timeout=2)
+    assert log == [("ack-multiple", 2), ("reject", 3)]
+    assert not lane_._order
+    assert not lane_._done, "nothing left behind for deliveries acknowledged early"
