@@ -164,12 +164,10 @@ class _Route:
         try:
             async with pipeline.isolation.shared():
                 try:
-                    committed = None
-                    if done is not None:
-                        report = done
 
-                        def committed(results: Sequence[BaseException | None]) -> None:
-                            report([at[k] for k, exc in enumerate(results) if exc is None])
+                    def committed(results: Sequence[BaseException | None]) -> None:
+                        if done is not None:
+                            done([at[k] for k, exc in enumerate(results) if exc is None])
 
                     results = await pipeline.run_batch(self.flow, fast, self.handler, committed)
                 except Exception as exc:  # noqa: BLE001 - the store or the ledger failed the whole batch

@@ -9,6 +9,7 @@ transaction, shared with whatever other messages committed at the same moment.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import sqlite3
@@ -201,7 +202,7 @@ class EventStore:
             self._checkpointer = Checkpointer(self._sqlite_path)
             self._checkpointer.start()
         if self.engine.dialect.driver == "asyncpg" and self.analyzer is None:
-            self.analyzer = Analyzer(self._pg, [t.name for t in metadata.sorted_tables])
+            self.analyzer = Analyzer(self._pg, [t.name for t in metadata.sorted_tables], interval=ANALYZE_SECONDS)
             self.analyzer.start()
 
     async def close(self) -> None:
@@ -341,8 +342,6 @@ class EventStore:
 
     async def commit_many(self, units: Sequence[Commit]) -> list[Committed | BaseException]:
         """Several messages' changes, in transactions shared as `commit`; each result or its error."""
-        if not self.committer.started:
-            return list(await asyncio.gather(*(self.commit(u) for u in units), return_exceptions=True))
         return await self.committer.submit_many(units)
 
     async def commit(self, unit: Commit) -> Committed:
@@ -716,13 +715,11 @@ class Analyzer(Periodic):
 
     name = "pg-analyze"
 
-    def __init__(
-        self, pool: Callable[[], Awaitable[asyncpg.Pool]], tables: Sequence[str], *, interval: float = ANALYZE_SECONDS
-    ) -> None:
+    def __init__(self, pool: Callable[[], Awaitable[asyncpg.Pool]], tables: Sequence[str], *, interval: float) -> None:
         super().__init__(interval)
         self._pool = pool
         self.tables = list(tables)
-        self.analyzed: list[str] = []  # what it analyzed, in order (for tests and logs)
+        self.analyzed: collections.Counter[str] = collections.Counter()  # ANALYZEs by table
 
     async def tick(self) -> None:
         pool = await self._pool()
@@ -735,7 +732,7 @@ class Analyzer(Periodic):
             for table, changed, live in rows:
                 if changed > ANALYZE_THRESHOLD + ANALYZE_SCALE * max(live - changed, 0):
                     await db.execute(f"ANALYZE {table}")  # a regclass's text: quoted as needed
-                    self.analyzed.append(table)
+                    self.analyzed[table] += 1
                     log.debug("analyzed", table=table, changed=changed, rows=live)
 
 

@@ -8,7 +8,6 @@ message the store held.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -23,15 +22,10 @@ INBOX_LOOKUP = (
 )
 
 
-@pytest.fixture
-async def pg_store(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[EventStore]:
+@pytest.fixture(autouse=True)
+def analyze_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The analyzer checks every 50 ms here (before `pg_store` starts it)."""
     monkeypatch.setattr(store_module, "ANALYZE_SECONDS", 0.05)
-    store = EventStore(pg_database, owner="worker-a")
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def _until_analyzed(store: EventStore, table: str, timeout: float = 30.0) -> None:
@@ -79,7 +73,7 @@ async def test_tables_that_did_not_change_are_not_analyzed_again(pg_store: Event
     assert analyzer is not None
     await analyzer.stop()  # ticks by hand from here on
     await analyzer.tick()  # catches up with whatever PostgreSQL reported since
-    before = list(analyzer.analyzed)
+    before = analyzer.analyzed.copy()
     await analyzer.tick()
     await analyzer.tick()
     assert analyzer.analyzed == before
