@@ -283,6 +283,17 @@ class RedisProbe:
 
 
 @pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    """A client of the local Redis (no worker), closed after the test."""
+    require("redis")
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
 async def redis_probe(services: None) -> AsyncIterator[RedisProbe]:
     client = aioredis.from_url(REDIS_URL)
     probe = RedisProbe(client)

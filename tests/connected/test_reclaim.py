@@ -8,16 +8,15 @@ sweep of XAUTOCLAIM calls ten entries at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from faststream.redis import RedisBroker, StreamSub
 
 from streams.groups import keep_group_alive
-from tests.conftest import require
 from tests.connected.conftest import REDIS_URL
 
 GROUP = "reclaim-test"
@@ -39,16 +38,6 @@ class _Counted:
         return counted
 
 
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    require("redis")
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 async def _pending_on_a_consumer(client: aioredis.Redis, stream: str, count: int) -> None:
     """`count` entries read by consumer `gone` and never acknowledged."""
     await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -64,7 +53,15 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _reclaimer(stream: str, min_idle_ms: int, seen: list[str]) -> tuple[RedisBroker, _Counted]:
+@contextlib.asynccontextmanager
+async def reclaimer(
+    client: aioredis.Redis, pending: int, min_idle_ms: int
+) -> AsyncIterator[tuple[str, list[str], _Counted]]:
+    """A stream with `pending` entries left on consumer `gone`, and a reclaiming subscriber on it
+    (as the worker runs it); yields the stream, what the handler saw, and the counted commands."""
+    stream = f"reclaim-{uuid.uuid4().hex[:8]}"
+    await _pending_on_a_consumer(client, stream, pending)
+    seen: list[str] = []
     broker = RedisBroker(REDIS_URL)
     sub = broker.subscriber(
         stream=StreamSub(stream, group=GROUP, consumer="reclaimer", min_idle_time=min_idle_ms, polling_interval=50)
@@ -78,15 +75,15 @@ async def _reclaimer(stream: str, min_idle_ms: int, seen: list[str]) -> tuple[Re
     await broker.connect()
     counted = _Counted(sub._client, "xautoclaim", "xpending_range")
     await broker.start()
-    return broker, counted
+    try:
+        yield stream, seen, counted
+    finally:
+        await broker.stop()
+        await client.delete(stream)
 
 
 async def test_entries_in_flight_elsewhere_are_not_swept(redis_client: aioredis.Redis) -> None:
-    stream = f"reclaim-young-{uuid.uuid4().hex[:8]}"
-    await _pending_on_a_consumer(redis_client, stream, 300)
-    seen: list[str] = []
-    broker, counted = await _reclaimer(stream, 60_000, seen)
-    try:
+    async with reclaimer(redis_client, 300, 60_000) as (stream, seen, counted):
         # Ten polls of XPENDING (half a second): FastStream's own read swept the 300 entries,
         # ten a call, about 30 XAUTOCLAIM calls each polling interval.
         await _until(lambda: counted.calls["xpending_range"] >= 10 or counted.calls["xautoclaim"] >= 10)
@@ -95,17 +92,10 @@ async def test_entries_in_flight_elsewhere_are_not_swept(redis_client: aioredis.
         summary = await redis_client.xpending(stream, GROUP)
         assert summary["pending"] == 300
         assert {c["name"] for c in summary["consumers"]} == {b"gone"}  # nothing was claimed
-    finally:
-        await broker.stop()
-        await redis_client.delete(stream)
 
 
 async def test_idle_entries_of_a_consumer_that_is_gone_are_claimed_and_handled(redis_client: aioredis.Redis) -> None:
-    stream = f"reclaim-idle-{uuid.uuid4().hex[:8]}"
-    await _pending_on_a_consumer(redis_client, stream, 20)
-    seen: list[str] = []
-    broker, counted = await _reclaimer(stream, 200, seen)
-    try:
+    async with reclaimer(redis_client, 20, 200) as (stream, seen, counted):
         await _until(lambda: len(seen) == 20)
         assert sorted(seen, key=int) == [str(i) for i in range(20)]  # each once
         # One claim a call, each from an entry XPENDING showed idle.
@@ -118,6 +108,3 @@ async def test_idle_entries_of_a_consumer_that_is_gone_are_claimed_and_handled(r
         while not await nothing_pending():  # acknowledged after the handler
             assert asyncio.get_running_loop().time() < deadline, "claimed entries not acknowledged"
             await asyncio.sleep(0.05)
-    finally:
-        await broker.stop()
-        await redis_client.delete(stream)

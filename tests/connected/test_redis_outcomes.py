@@ -15,28 +15,16 @@ from redis.exceptions import ResponseError
 from streams import names
 from streams.outlets import RedisOutlet
 from streams.store import PendingEvent
-from tests.conftest import require
-from tests.connected.conftest import REDIS_URL
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[aioredis.Redis]:
-    require("redis")
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def outlet(client: aioredis.Redis) -> AsyncIterator[RedisOutlet]:
-    outlet = RedisOutlet(cast(Any, None), client, {}, stream=f"outcomes-{uuid.uuid4().hex[:8]}")
+async def outlet(redis_client: aioredis.Redis) -> AsyncIterator[RedisOutlet]:
+    outlet = RedisOutlet(cast(Any, None), redis_client, {}, stream=f"outcomes-{uuid.uuid4().hex[:8]}")
     try:
         yield outlet
     finally:
         await outlet.close()
-        await client.delete(outlet.events_stream)
+        await redis_client.delete(outlet.events_stream)
 
 
 def _row(n: int, message_id: str | None = None) -> PendingEvent:
@@ -44,15 +32,17 @@ def _row(n: int, message_id: str | None = None) -> PendingEvent:
     return PendingEvent(n, f"ev-{n}", "redis", "email.sent", b'{"n": %d}' % n, mid, f"c-{mid}")
 
 
-async def _published(client: aioredis.Redis, stream: str) -> list[tuple[bytes, dict[str, Any]]]:
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(stream))
+async def _published(redis_client: aioredis.Redis, stream: str) -> list[tuple[bytes, dict[str, Any]]]:
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(stream))
     return [BinaryMessageFormatV1.parse(fields[b"__data__"]) for _, fields in entries]
 
 
-async def test_events_go_out_in_order_in_faststreams_envelope(client: aioredis.Redis, outlet: RedisOutlet) -> None:
+async def test_events_go_out_in_order_in_faststreams_envelope(
+    redis_client: aioredis.Redis, outlet: RedisOutlet
+) -> None:
     rows = [_row(1), _row(2, "m-\u00e9\U0001f4a9"), _row(3)]  # a producer's id need not be ASCII
     await outlet.publish_events(rows)
-    published = await _published(client, outlet.events_stream)
+    published = await _published(redis_client, outlet.events_stream)
     assert [body for body, _ in published] == [r.payload for r in rows]
     for (_, headers), row in zip(published, rows, strict=True):
         assert headers == {
@@ -65,28 +55,28 @@ async def test_events_go_out_in_order_in_faststreams_envelope(client: aioredis.R
 
 
 async def test_an_error_reply_fails_the_call_and_the_next_one_goes_out(
-    client: aioredis.Redis, outlet: RedisOutlet
+    redis_client: aioredis.Redis, outlet: RedisOutlet
 ) -> None:
-    await client.set(outlet.events_stream, "not a stream")
+    await redis_client.set(outlet.events_stream, "not a stream")
     with pytest.raises(ResponseError, match="WRONGTYPE"):
         await outlet.publish_events([_row(1), _row(2)])  # both replies read: the connection stays in step
-    await client.delete(outlet.events_stream)
+    await redis_client.delete(outlet.events_stream)
     await outlet.publish_events([_row(3)])
-    assert [body for body, _ in await _published(client, outlet.events_stream)] == [_row(3).payload]
+    assert [body for body, _ in await _published(redis_client, outlet.events_stream)] == [_row(3).payload]
 
 
 async def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(
-    client: aioredis.Redis, outlet: RedisOutlet
+    redis_client: aioredis.Redis, outlet: RedisOutlet
 ) -> None:
     await outlet.publish_events([_row(1)])
     assert outlet._xadds is not None
     connection = outlet._xadds._connection
     assert connection is not None
     host, port = connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
-    assert await client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
+    assert await redis_client.client_kill_filter(_id=None, addr=f"{host}:{port}") == 1
     with pytest.raises((RedisConnectionError, ConnectionError, OSError)):
         await outlet.publish_events([_row(2)])  # the relay keeps such rows and publishes them again
     await outlet.publish_events([_row(3)])
-    bodies = [body for body, _ in await _published(client, outlet.events_stream)]
+    bodies = [body for body, _ in await _published(redis_client, outlet.events_stream)]
     assert bodies[0] == _row(1).payload
     assert bodies[-1] == _row(3).payload

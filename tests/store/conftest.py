@@ -51,6 +51,17 @@ def pg_database() -> Iterator[str]:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture
+async def pg_store(pg_database: str) -> AsyncIterator[EventStore]:
+    """A started PostgreSQL store on this module's database (tables as earlier tests left them)."""
+    store = EventStore(pg_database, owner="worker-a")
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 @pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The database URL of this test's backend."""

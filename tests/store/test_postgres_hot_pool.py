@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -14,16 +13,6 @@ from tests.store import sent
 from tests.store.conftest import PG_ADMIN_DSN
 
 pytestmark = pytest.mark.connected
-
-
-@pytest.fixture
-async def pg_store(pg_database: str) -> AsyncIterator[EventStore]:
-    store = EventStore(pg_database, owner="worker-a")
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def _terminate_hot_connections(database: str) -> int:
