@@ -80,10 +80,13 @@ class Relay:
         self._held.update(r.event_id for r in rows)
 
     def committed(self, rows: Sequence[PendingEvent]) -> None:
-        """Committed: publish them soon, from memory."""
-        if rows:
-            self._ready.extend(rows)
-            self.kick()
+        """Committed: publish them soon, from memory.
+
+        Not a kick: whoever committed publishes them now (`publish_committed`, a lane) or kicks
+        (`Pipeline.run`, a dead letter); waking the background relay as well cost a task wakeup,
+        a timeout and a turn of the lock a batch, to find nothing left. It wakes every `interval`
+        anyway."""
+        self._ready.extend(rows)
 
     def abandon(self, rows: Sequence[PendingEvent]) -> None:
         """Not committed after all."""
