@@ -207,9 +207,67 @@ class FrameReader(aiormq.connection.FrameReceiver):
             raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
 
 
+# -- writing a queue at a time ------------------------------------------------------------------
+
+
+class _Frames(ChannelFrame):
+    """Frames queued one after another, written as one: each drained when the write is."""
+
+    def __init__(self, frames: list[ChannelFrame]) -> None:
+        super().__init__(payload=b"".join(f.payload for f in frames), should_close=frames[-1].should_close)
+        object.__setattr__(self, "frames", frames)  # a frozen dataclass
+
+    def drain(self) -> None:
+        for frame in self.frames:  # type: ignore[attr-defined]
+            frame.drain()
+
+    @property
+    def should_drain(self) -> bool:
+        return any(frame.should_drain for frame in self.frames)  # type: ignore[attr-defined]
+
+
+class FrameWriter(aiormq.connection.FrameGenerator):
+    """aiormq's frame source for its connection writer, handing over everything queued at once.
+
+    aiormq's writer takes one queued frame at a time and makes a socket write of each. Loopback
+    writes are not cheap here (the broker is woken for each: 40-50 µs of CPU a write on this VM,
+    `cProfile` of a worker at 1,000 msg/s), and what a batch sends (its outcomes, its
+    acknowledgement, a second batch's) is queued within one turn of the loop. The frames keep their
+    order; a frame that closes the connection ends the run (nothing is sent after it, as before).
+    """
+
+    async def __anext__(self) -> ChannelFrame:
+        frame = await super().__anext__()
+        queue = self.queue
+        if frame.should_close or queue.empty():
+            return frame
+        frames = [frame]
+        while not queue.empty():
+            frame = queue.get_nowait()
+            queue.task_done()
+            frames.append(frame)
+            if frame.should_close:
+                break
+        return _Frames(frames)
+
+
+def send_now(channel: aiormq.Channel, method: spec.Basic.Ack | spec.Basic.Reject) -> bool:
+    """Queue one method frame (an acknowledgement) on the channel's connection without awaiting;
+    False when it cannot be queued now (the queue is full or the channel closed): send it the
+    awaited way then, after any frame queued before it."""
+    if channel.is_closed:
+        return False
+    try:
+        channel.write_queue.put_nowait(ChannelFrame.marshall(channel.number, [method]))
+    except asyncio.QueueFull:
+        return False
+    return True
+
+
 def install() -> None:
-    """Make every aiormq connection opened from now on read with `FrameReader`."""
+    """Make every aiormq connection opened from now on read with `FrameReader` and write with `FrameWriter`."""
     aiormq.connection.FrameReceiver = FrameReader  # type: ignore[misc]
+    aiormq.connection.FrameGenerator = FrameWriter  # type: ignore[misc]
 
 
 # -- deliveries without a task each --------------------------------------------------------------

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from aio_pika import RobustChannel
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
 from redis.exceptions import RedisError, ResponseError
 
 from handlers.errors import InvalidMessageError
@@ -410,34 +411,53 @@ class RabbitLane:
         self._flush_scheduled = False
         order, done = self._order, self._done
         run_end: _Settled | None = None
-        calls: list[Awaitable[None]] = []
+        sends: list[tuple[_Settled, bool, bool]] = []  # (delivery, ack? else reject, multiple)
         while order and id(order[0]) in done:
             message = order.popleft()
             if done.pop(id(message)):
                 if run_end is not None and run_end.channel is not message.channel:
-                    calls.append(run_end.ack(multiple=True))  # a reconnect began a new channel
+                    sends.append((run_end, True, True))  # a reconnect began a new channel
                 run_end = message
             else:
                 if run_end is not None:
-                    calls.append(run_end.ack(multiple=True))
+                    sends.append((run_end, True, True))
                     run_end = None
-                calls.append(message.reject(requeue=False))
+                sends.append((message, False, False))
         if run_end is not None:
-            calls.append(run_end.ack(multiple=True))
+            sends.append((run_end, True, True))
         if len(done) > self.prefetch // 2:
             # A slow delivery holds the run back: acknowledge the finished ones behind it one by one.
             for message in list(order):
                 ok = done.pop(id(message), None)
                 if ok is not None:
                     order.remove(message)
-                    calls.append(message.ack() if ok else message.reject(requeue=False))
-        if calls:
+                    sends.append((message, ok, False))
+        if sends:
+            self._send(sends)
+
+    def _send(self, sends: list[tuple[_Settled, bool, bool]]) -> None:
+        """Queue the acknowledgements on the connection now, in order (`amqp.send_now`: in the same
+        socket write as the outcomes published in this turn of the loop, `amqp.FrameWriter`);
+        what cannot be queued now, and everything after it, goes the awaited way."""
+        sent = 0
+        if not self._acking:  # none still on its way the awaited way, which they must not overtake
+            for message, ok, multiple in sends:
+                method = (
+                    spec.Basic.Ack(delivery_tag=message.delivery_tag, multiple=multiple)
+                    if ok
+                    else spec.Basic.Reject(delivery_tag=message.delivery_tag, requeue=False)
+                )
+                if not amqp.send_now(cast(aiormq.Channel, message.channel), method):
+                    break
+                sent += 1
+        if sent < len(sends):
+            calls = [m.ack(multiple=multiple) if ok else m.reject() for m, ok, multiple in sends[sent:]]
             task = asyncio.ensure_future(_settle(calls))
             self._acking.add(task)
             task.add_done_callback(self._acking.discard)
 
 
-async def _settle(calls: list[Awaitable[None]]) -> None:
+async def _settle(calls: Sequence[Awaitable[None]]) -> None:
     # In order: a reject must reach the broker before a `multiple` ack of a later delivery.
     for call in calls:
         try:

@@ -9,7 +9,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import pamqp.frame
 import pytest
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
 from pydantic import ValidationError
 
 from handlers.errors import DeliveryRejectedError, DependencyUnavailableError, InvalidMessageError
@@ -73,12 +76,48 @@ def test_a_faststream_stream_entry_is_read_from_its_body() -> None:
     assert cmd.body == "hello"
 
 
-class FakeMessage:
-    """An aio-pika delivery that records how it was settled."""
+class FakeQueue:
+    """A connection's write queue that records the acknowledgements queued on it, until it is full."""
 
-    def __init__(self, tag: int, log: list[tuple[str, int]], channel: object) -> None:
+    def __init__(self, log: list[tuple[str, int]], room: int) -> None:
+        self.log = log
+        self.room = room
+
+    def put_nowait(self, frame: ChannelFrame) -> None:
+        if self.room <= 0:
+            raise asyncio.QueueFull
+        self.room -= 1
+        _, _, method = pamqp.frame.unmarshal(frame.payload)
+        if isinstance(method, spec.Basic.Ack):
+            self.log.append(("ack-multiple" if method.multiple else "ack", method.delivery_tag))
+        else:
+            assert isinstance(method, spec.Basic.Reject)
+            assert method.requeue is False
+            assert method.delivery_tag is not None
+            self.log.append(("reject", method.delivery_tag))
+
+
+class FakeChannel:
+    """The aiormq channel a delivery arrived on: open or closed, its connection's queue with room or not."""
+
+    def __init__(self, log: list[tuple[str, int]], *, room: int = 1_000, closed: bool = False) -> None:
+        self.number = 1
+        self.is_closed = closed
+        self.write_queue = FakeQueue(log, room)
+
+
+_channels: dict[tuple[int, str], FakeChannel] = {}
+
+
+class FakeMessage:
+    """A delivery that records how it was settled: queued on its channel's connection, or the
+    awaited way (`ack`, `reject`). A channel given by name is one open channel per log and name."""
+
+    def __init__(self, tag: int, log: list[tuple[str, int]], channel: str | FakeChannel) -> None:
         self.delivery_tag = tag
         self.log = log
+        if isinstance(channel, str):
+            channel = _channels.setdefault((id(log), channel), FakeChannel(log))
         self.channel = channel
 
     async def ack(self, multiple: bool = False) -> None:
@@ -132,7 +171,6 @@ async def test_deliveries_behind_an_unfinished_one_wait_for_it() -> None:
     assert log == [], "nothing is acknowledged past an unfinished delivery"
     lane_._done[id(messages[0])] = True
     lane_._flush()
-    await asyncio.wait(set(lane_._acking), timeout=2)
     assert log == [("ack-multiple", 10)]
 
 
@@ -159,9 +197,42 @@ async def test_an_acknowledgement_lost_with_its_channel_is_logged_not_raised() -
             raise RuntimeError("channel closed")
 
     lane_ = lane()
-    await settle(lane_, [Closed(1, [], "ch")], {1: True})
+    log: list[tuple[str, int]] = []
+    await settle(lane_, [Closed(1, log, FakeChannel(log, closed=True))], {1: True})
     assert not lane_._acking
     assert not lane_._order
+    assert log == [], "a closed channel queues nothing; the broker delivers the message again"
+
+
+async def test_acknowledgements_are_queued_on_the_connection_at_once_without_a_task() -> None:
+    log: list[tuple[str, int]] = []
+    lane_ = lane()
+    messages = [FakeMessage(t, log, "ch") for t in range(1, 6)]
+    for m in messages:
+        lane_._order.append(cast(Any, m))
+        lane_._done[id(m)] = m.delivery_tag != 3
+    lane_._flush()
+    assert log == [("ack-multiple", 2), ("reject", 3), ("ack-multiple", 5)], "queued in the flush itself"
+    assert not lane_._acking
+
+
+async def test_what_a_full_write_queue_cannot_take_goes_the_awaited_way_in_order() -> None:
+    log: list[tuple[str, int]] = []
+    channel = FakeChannel(log, room=1)
+    lane_ = lane()
+    messages = [FakeMessage(t, log, channel) for t in range(1, 6)]
+    for m in messages:
+        lane_._order.append(cast(Any, m))
+        lane_._done[id(m)] = m.delivery_tag != 3
+    lane_._flush()
+    assert lane_._acking, "the rest waits for room"
+    more = FakeMessage(6, log, channel)
+    lane_._order.append(cast(Any, more))
+    lane_._done[id(more)] = True
+    channel.write_queue.room = 10
+    lane_._flush()  # must not overtake the reject still on its way
+    await asyncio.wait(set(lane_._acking), timeout=2)
+    assert log == [("ack-multiple", 2), ("reject", 3), ("ack-multiple", 5), ("ack-multiple", 6)]
 
 
 async def test_a_second_rabbit_batch_starts_once_enough_messages_wait_not_half_a_big_window() -> None:
