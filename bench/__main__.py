@@ -1,4 +1,5 @@
-"""`python -m bench run|scale|profile|report`: the main table, scaling figures, py-spy profiles, re-rendering."""
+"""`python -m bench run|scale|profile|probe|report`: the main table, scaling figures, py-spy profiles,
+one worker's latency at chosen rates, re-rendering."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from bench.config import BenchConfig
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to one part of the benchmark."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("part", choices=("run", "scale", "profile", "report"), nargs="?", default="run")
+    parser.add_argument("part", choices=("run", "scale", "profile", "probe", "report"), nargs="?", default="run")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_env()
     # Decided once: a uvloop installed while the run goes on must not change the loop halfway.
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import scale  # noqa: PLC0415
 
         return scale.main(cfg)
+    if args.part == "probe":
+        from bench import probe  # noqa: PLC0415
+
+        return probe.main(cfg)
     if args.part == "report":
         from bench import report  # noqa: PLC0415
 

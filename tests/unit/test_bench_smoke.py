@@ -214,3 +214,17 @@ def test_the_latency_phase_shows_the_echo_consumer_beside_the_pipeline() -> None
         }
     text = report.render_markdown(samples, {"n": 200, "rounds": 2, "loop": "asyncio", "cpus": 2})
     assert "| (d) pipeline, SQLite | 500 | 499 | 50% | 300 | 5.0 / 30.0 | 3.0 / 80.0 |" in text
+
+
+def test_the_probe_reads_messages_and_transactions_of_the_group_commit() -> None:
+    from bench.probe import commit_totals
+
+    text = (
+        "# HELP pipeline_store_batch_size Units of work written per group-commit transaction.\n"
+        'pipeline_store_batch_size_bucket{le="1.0"} 3.0\n'
+        "pipeline_store_batch_size_count 40.0\n"
+        "pipeline_store_batch_size_sum 250.0\n"
+        "pipeline_store_batch_size_created 1.7e9\n"
+    )
+    assert commit_totals(text) == (250.0, 40.0)
+    assert commit_totals("") == (0.0, 0.0)
