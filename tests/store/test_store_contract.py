@@ -187,6 +187,37 @@ async def test_concurrent_redelivery_in_one_batch_is_a_duplicate(
     assert await outbox_event_ids(store, env.message_id) == [first.events[0].event_id]
 
 
+async def test_a_message_committed_before_is_a_duplicate_in_a_batch_of_new_ones(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holding one message whose outcome is already in the inbox: that one is DUPLICATE,
+    the others land, every outcome once (on SQLite the inbox's key catches it and the batch is
+    written again one by one; PostgreSQL reads the inbox in the transaction)."""
+    old = envelope()
+    await store.commit(sent(env=old, consumer="email"))
+    sizes = spy_batches(store, monkeypatch)
+    new = [envelope() for _ in range(3)]
+    units = [
+        sent(env=new[0], consumer="email"),
+        sent(env=old, consumer="email"),
+        *(sent(env=e, consumer="email") for e in new[1:]),
+    ]
+
+    results = await store.commit_many(units)
+
+    assert sizes[0] > 1, "handed over in batches, not alone (PostgreSQL: two writers, by stream)"
+    assert [r.outcome for r in results if not isinstance(r, BaseException)] == [
+        Outcome.COMMITTED,
+        Outcome.DUPLICATE,
+        Outcome.COMMITTED,
+        Outcome.COMMITTED,
+    ]
+    assert len(await outbox_event_ids(store, old.message_id)) == 1
+    for unit, env in zip((units[0], *units[2:]), new, strict=True):
+        assert [e.event_id for e in await store.read(stream_id=unit.stream_id)] == [unit.events[0].event_id]
+        assert await outbox_event_ids(store, env.message_id) == [unit.events[0].event_id]
+
+
 async def test_redelivery_to_two_workers_sharing_the_database_is_a_duplicate(store: EventStore) -> None:
     """Two stores (workers) committing one (consumer, message id) at once: exactly one lands."""
     other = EventStore(store.url, owner="worker-b")
