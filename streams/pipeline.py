@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -28,7 +28,7 @@ from streams.outlets import Outlet
 from streams.relay import Relay
 from streams.settings import Settings
 from streams.store import Commit, EventStore, Outcome
-from streams.suspects import CrashLedger, Isolation
+from streams.suspects import CrashLedger, Isolation, ledger_key, run_counted
 
 log = get_logger("pipeline")
 
@@ -257,25 +257,20 @@ class Pipeline:
     ) -> list[Event | BaseException]:
         """The handlers, at most `HANDLERS_AT_ONCE` at a time, counted in the crash ledger, reported to the breaker.
 
-        A worker that dies charges a crash to every handler running at that moment: the bound
+        A worker that dies charges a crash to every handler counted at that moment: the bound
         keeps the innocent neighbours of a poison message few (each then runs alone once). The
-        ledger updates of the handlers running together still share round trips.
+        handlers of a turn share one ledger call (`suspects.run_counted`).
         """
-        ledger = self.crashes
-        slots = asyncio.Semaphore(HANDLERS_AT_ONCE)
 
         async def one(env: Envelope, cmd: C) -> Event:
-            async with slots:
-                if ledger is not None:
-                    await ledger.handler_started(env)
-                faults.crash_at("before_handler", env.body)
-                try:
-                    return await handler(cmd, env.context)
-                finally:
-                    if ledger is not None:
-                        await ledger.handler_returned(env)
+            faults.crash_at("before_handler", env.body)
+            return await handler(cmd, env.context)
 
-        outcomes = await asyncio.gather(*(one(d.envelope, cmd) for d, cmd in batch), return_exceptions=True)
+        outcomes = await run_counted(
+            self.crashes,
+            [(ledger_key(d.envelope), functools.partial(one, d.envelope, cmd)) for d, cmd in batch],
+            HANDLERS_AT_ONCE,
+        )
         breaker = self.breaker(flow.dependency)
         if any(not isinstance(o, BaseException) for o in outcomes):
             await breaker.success()

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final, cast
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -56,6 +56,22 @@ for _, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+# The first ARGV[2] keys ended their runs, the rest start theirs: one call a turn of a batch.
+_TURNED: Final = """
+local ended = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  if i <= ended then
+    local n = redis.call('DECR', key)
+    if n <= 0 then redis.call('DEL', key) end
+  else
+    redis.call('INCR', key)
+    redis.call('EXPIRE', key, ARGV[1])
+  end
+end
+return #KEYS
+"""
+
+T = TypeVar("T")
 
 
 def ledger_key(env: Envelope) -> str:
@@ -72,6 +88,7 @@ class CrashLedger:
         # Every message passes here: only the counters of crashed runs may stay behind.
         self._returned = client.register_script(_RETURNED)
         self._started = client.register_script(_STARTED)
+        self._turned = client.register_script(_TURNED)
         self._retries: set[asyncio.Task[None]] = set()
         # Concurrent messages share one round trip each way, as their commits share a transaction;
         # each way on a connection of its own (one call at a time: the committer's writer).
@@ -79,6 +96,7 @@ class CrashLedger:
         self._ends: GroupCommitter[str, None] = GroupCommitter(self._count_returns, max_batch=512)
         self._start_calls = _ScriptCalls(self._started)
         self._end_calls = _ScriptCalls(self._returned)
+        self._turn_calls = _ScriptCalls(self._turned)
 
     def start(self) -> None:
         """Share round trips between concurrent messages (on the running loop)."""
@@ -91,6 +109,7 @@ class CrashLedger:
         await self._ends.stop()
         await self._start_calls.close()
         await self._end_calls.close()
+        await self._turn_calls.close()
 
     async def _count_starts(self, keys: Sequence[str]) -> list[None]:
         # One command for the lot: a script over every key (a pipeline packs two commands a key).
@@ -136,6 +155,23 @@ class CrashLedger:
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
 
+    async def turn(self, ended: Sequence[str], started: Sequence[str]) -> None:
+        """Count down the runs that `ended` and count up those `started` next, in one round trip.
+
+        While Redis does not answer, the runs starting are not counted (logged) and the count-downs
+        are retried in the background, as `handler_started` and `handler_returned` do.
+        """
+        if not ended and not started:
+            return
+        try:
+            await self._turn_calls([*ended, *started], TTL_SECONDS, len(ended))
+        except (RedisError, OSError) as exc:
+            log.warning("crash ledger unavailable; these runs are not counted", starting=len(started), error=repr(exc))
+            for key in ended:
+                task = asyncio.get_running_loop().create_task(self._retry_returned(key))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+
     async def _retry_returned(self, key: str) -> None:
         delay = RETRY_FIRST
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
@@ -147,6 +183,73 @@ class CrashLedger:
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)
         log.warning("crash ledger still unavailable; a run that ended stays counted", key=key)
+
+
+async def run_counted(
+    ledger: CrashLedger | None, runs: Sequence[tuple[str, Callable[[], Coroutine[Any, Any, T]]]], at_once: int
+) -> list[T | BaseException]:
+    """Each run (ledger key, coroutine function) as a task, at most `at_once` at a time, each counted
+    in the ledger from just before it starts until just after it ends; results (or what each raised) in order.
+
+    A turn is one ledger call: the runs that ended since the last one are counted down and the next
+    ones up together, and those start once it has returned. So a crash charges at most `at_once`
+    runs (those counted at that moment), a run starts counted whenever Redis answers, a run that
+    ends frees its place for the next at the next turn (a slow run holds up no other), and every run
+    is counted down before this returns, cancelled or not. One call a turn, not two calls and two
+    futures a run: the handlers of a batch that arrived together start after one round trip.
+    """
+    results: list[T | BaseException] = [asyncio.CancelledError()] * len(runs)
+    loop = asyncio.get_running_loop()
+    running: dict[asyncio.Task[T], int] = {}
+    ended: list[int] = []
+    wake: list[asyncio.Future[None]] = []  # the runner's, while it waits for a run to end
+
+    def finished(task: asyncio.Task[T]) -> None:
+        i = running.pop(task)
+        if task.cancelled():
+            results[i] = asyncio.CancelledError()
+        else:
+            error = task.exception()
+            results[i] = task.result() if error is None else error
+        ended.append(i)
+        if wake and not wake[0].done():
+            wake[0].set_result(None)
+
+    following = 0  # the next run to start
+    try:
+        while True:
+            starting = range(following, min(len(runs), following + at_once - len(running)))
+            following = starting.stop
+            done = ended[:]
+            ended.clear()
+            if ledger is not None:
+                try:
+                    await ledger.turn([runs[i][0] for i in done], [runs[i][0] for i in starting])
+                except BaseException:
+                    # Cancelled in the call: it may or may not have counted; count all of them down
+                    # (a run that never started has a count of 0 or 1: down to none either way).
+                    ended[:0] = [*done, *starting]
+                    raise
+            for i in starting:
+                task = loop.create_task(runs[i][1]())
+                running[task] = i
+                task.add_done_callback(finished)
+            if not running and not ended and following == len(runs):
+                return results
+            if not ended:
+                wake.append(loop.create_future())
+                try:
+                    await wake[0]
+                finally:
+                    wake.clear()
+    finally:
+        if running:  # cancelled: stop the runs, then count them down
+            left = list(running)
+            for run in left:
+                run.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+        if ended and ledger is not None:
+            await ledger.turn([runs[i][0] for i in ended], [])
 
 
 class _ScriptCalls:

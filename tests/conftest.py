@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +166,16 @@ class CountingLedger:
 
     async def handler_returned(self, env: Envelope) -> None:
         self.counts[env.message_id] -= 1
+
+    async def turn(self, ended: Sequence[str], started: Sequence[str]) -> None:
+        for key in ended:
+            self.counts[_message_id_of(key)] -= 1
+        for key in started:
+            mid = _message_id_of(key)
+            self.runs.append(mid)
+            self.counts[mid] = self.counts.get(mid, 0) + 1
+
+
+def _message_id_of(ledger_key: str) -> str:
+    """The message id in a `streams.suspects.ledger_key` (prefix:transport:source:id:attempt:replay)."""
+    return ledger_key.split(":", 4)[4].rsplit(":", 2)[0]

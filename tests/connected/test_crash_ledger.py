@@ -109,3 +109,24 @@ async def test_counts_made_before_start_go_out_one_at_a_time_on_the_ledgers_conn
     await asyncio.gather(*(ledger.handler_returned(e) for e in envs))
     assert await client.exists(*(ledger_key(e) for e in envs)) == 0
     await ledger.stop()
+
+
+async def test_a_turn_counts_down_the_runs_that_ended_and_up_the_next_in_one_call(client: aioredis.Redis) -> None:
+    ledger = CrashLedger(client)
+    first, second = [envelope() for _ in range(3)], [envelope() for _ in range(2)]
+    crashed = envelope()
+    try:
+        await ledger.handler_started(crashed)  # an earlier run died: its count stays through a turn
+        await ledger.turn([], [ledger_key(e) for e in [*first, crashed]])
+        assert [await ledger.crashes(e) for e in first] == [1, 1, 1], "counted while they run"
+        assert await ledger.crashes(crashed) == 2
+        await ledger.turn([ledger_key(e) for e in [*first, crashed]], [ledger_key(e) for e in second])
+        assert await client.exists(*(ledger_key(e) for e in first)) == 0, "ended: no key left"
+        assert await ledger.crashes(crashed) == 1, "the earlier crash is still there"
+        assert [await ledger.crashes(e) for e in second] == [1, 1]
+        assert 0 < await client.ttl(ledger_key(second[0])) <= TTL_SECONDS
+        await ledger.turn([ledger_key(e) for e in second], [])
+        assert await client.exists(*(ledger_key(e) for e in second)) == 0
+    finally:
+        await client.delete(ledger_key(crashed))
+        await ledger.stop()
