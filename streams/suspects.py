@@ -42,22 +42,9 @@ KEY_PREFIX: Final = "pipeline:starts"
 RETRY_FIRST: Final = 0.2  # seconds before the first retry of a decrement Redis refused
 RETRY_FOR: Final = 120.0  # and how long to keep trying (a Redis restart takes seconds)
 TTL_SECONDS: Final = 7 * 24 * 3600  # longer than any retry schedule; the key is useless after
-_RETURNED: Final = """
-for _, key in ipairs(KEYS) do
-  local n = redis.call('DECR', key)
-  if n <= 0 then redis.call('DEL', key) end
-end
-return #KEYS
-"""
-_STARTED: Final = """
-for _, key in ipairs(KEYS) do
-  redis.call('INCR', key)
-  redis.call('EXPIRE', key, ARGV[1])
-end
-return #KEYS
-"""
-# The first ARGV[2] keys ended their runs, the rest start theirs: one call a turn of a batch.
-_TURNED: Final = """
+# The first ARGV[2] keys ended their runs (down; a counter back at zero is deleted), the rest
+# start theirs (up, expiring after ARGV[1] seconds): every count goes through this one script.
+_COUNT: Final = """
 local ended = tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
   if i <= ended then
@@ -86,17 +73,15 @@ class CrashLedger:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         # Every message passes here: only the counters of crashed runs may stay behind.
-        self._returned = client.register_script(_RETURNED)
-        self._started = client.register_script(_STARTED)
-        self._turned = client.register_script(_TURNED)
+        self._count = client.register_script(_COUNT)
         self._retries: set[asyncio.Task[None]] = set()
         # Concurrent messages share one round trip each way, as their commits share a transaction;
         # each way on a connection of its own (one call at a time: the committer's writer).
         self._starts: GroupCommitter[str, None] = GroupCommitter(self._count_starts, max_batch=512)
         self._ends: GroupCommitter[str, None] = GroupCommitter(self._count_returns, max_batch=512)
-        self._start_calls = _ScriptCalls(self._started)
-        self._end_calls = _ScriptCalls(self._returned)
-        self._turn_calls = _ScriptCalls(self._turned)
+        self._start_calls = _ScriptCalls(self._count)
+        self._end_calls = _ScriptCalls(self._count)
+        self._turn_calls = _ScriptCalls(self._count)
 
     def start(self) -> None:
         """Share round trips between concurrent messages (on the running loop)."""
@@ -113,11 +98,11 @@ class CrashLedger:
 
     async def _count_starts(self, keys: Sequence[str]) -> list[None]:
         # One command for the lot: a script over every key (a pipeline packs two commands a key).
-        await self._start_calls(keys, TTL_SECONDS)
+        await self._start_calls(keys, TTL_SECONDS, 0)
         return [None] * len(keys)
 
     async def _count_returns(self, keys: Sequence[str]) -> list[None]:
-        await self._end_calls(keys)
+        await self._end_calls(keys, TTL_SECONDS, len(keys))
         return [None] * len(keys)
 
     async def crashes(self, env: Envelope) -> int:
@@ -151,9 +136,7 @@ class CrashLedger:
             await self._ends.submit(key)
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; the run is uncounted once it is back", error=repr(exc))
-            task = asyncio.get_running_loop().create_task(self._retry_returned(key))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self._retry_returned_later([key])
 
     async def turn(self, ended: Sequence[str], started: Sequence[str]) -> None:
         """Count down the runs that `ended` and count up those `started` next, in one round trip.
@@ -167,22 +150,25 @@ class CrashLedger:
             await self._turn_calls([*ended, *started], TTL_SECONDS, len(ended))
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; these runs are not counted", starting=len(started), error=repr(exc))
-            for key in ended:
-                task = asyncio.get_running_loop().create_task(self._retry_returned(key))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
+            if ended:
+                self._retry_returned_later(ended)
 
-    async def _retry_returned(self, key: str) -> None:
+    def _retry_returned_later(self, keys: Sequence[str]) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry_returned(list(keys)))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry_returned(self, keys: list[str]) -> None:
         delay = RETRY_FIRST
         deadline = asyncio.get_running_loop().time() + RETRY_FOR
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(delay)
             try:
-                await self._returned(keys=[key])
+                await self._count(keys=keys, args=[TTL_SECONDS, len(keys)])
                 return
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)
-        log.warning("crash ledger still unavailable; a run that ended stays counted", key=key)
+        log.warning("crash ledger still unavailable; runs that ended stay counted", keys=keys)
 
 
 async def run_counted(

@@ -101,7 +101,7 @@ class DownRedis:
         raise RedisConnectionError("Connection refused")
 
     def register_script(self, script: str) -> Any:
-        async def run(keys: list[str], args: list[Any] | None = None) -> int:
+        async def run(keys: list[str], *args: Any, **kwargs: Any) -> int:
             raise RedisConnectionError("Connection refused")
 
         return run
@@ -131,7 +131,7 @@ class FlakyScript:
         self.calls = 0
         self.landed = asyncio.Event()
 
-    async def __call__(self, keys: list[str]) -> int:
+    async def __call__(self, keys: list[str], args: list[Any] | None = None) -> int:
         self.calls += 1
         if self.calls <= self.failures:
             raise RedisConnectionError("Connection refused")
@@ -298,11 +298,7 @@ async def test_a_turn_refused_while_redis_restarts_starts_the_runs_uncounted_and
     monkeypatch.setattr(suspects, "RETRY_FIRST", 0.01)
     script = FlakyScript(failures=0)
     ledger = CrashLedger(cast(Any, RestartingRedis(script)))
-
-    async def refused(*args: Any) -> None:
-        raise RedisConnectionError("Connection refused")
-
-    ledger._turn_calls = cast(Any, refused)  # the ledger's own connection: refused
+    ledger._turn_calls = cast(Any, DownRedis().register_script(""))  # the ledger's own connection: refused
     await ledger.turn(["k-ended"], ["k-starting"])  # does not raise
     await asyncio.wait_for(script.landed.wait(), 5)
     assert script.calls == 1, "the count-down of the run that ended landed once Redis answered"
