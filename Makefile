@@ -3,16 +3,41 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The lock, requirements/*.txt: exact versions with hashes, generated from pyproject.toml by
+# `make lock` (Python 3.11, Linux x86_64). runtime.txt is what the image installs; dev.txt is
+# runtime.txt plus the dev extra, bench.txt is dev.txt plus the bench extra (each compiled with
+# the one before it as constraints, so a package has the same version in all three).
 
-.PHONY: install run test unit connected chaos lint format typecheck check docs bench clean
+.PHONY: install run test unit connected chaos lint format typecheck check docs bench clean lock
 
-$(STAMP): pyproject.toml
+# Installs exactly the lock, hash-checked, then the project itself without dependencies; `pip check`
+# fails when pyproject.toml asks for something the lock does not hold (run `make lock`).
+$(STAMP): pyproject.toml requirements/runtime.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project with its dev tools
+install: $(STAMP) ## create .venv and install the locked dependencies, the dev tools and the project
+
+# uv resolves; pip installs (nothing but pip is needed to install from the lock). uv lives in its own
+# venv under .venv, pinned, so the lock files come out the same on every machine.
+UV_VERSION := 0.13.9
+UV := $(VENV)/.lock-tools/bin/uv
+UV_COMPILE = $(UV) pip compile --quiet --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	--generate-hashes --no-strip-markers --custom-compile-command 'make lock' $(LOCK_FLAGS) pyproject.toml
+
+$(UV):
+	$(PY) -m venv $(VENV)/.lock-tools
+	$(VENV)/.lock-tools/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+lock: $(UV) ## regenerate requirements/*.txt from pyproject.toml, keeping pins still allowed (LOCK_FLAGS=--upgrade: newest allowed)
+	mkdir -p requirements
+	$(UV_COMPILE) -o requirements/runtime.txt
+	$(UV_COMPILE) --extra dev -c requirements/runtime.txt -o requirements/dev.txt
+	$(UV_COMPILE) --extra dev --extra bench -c requirements/dev.txt -o requirements/bench.txt
 
 run: $(STAMP) ## run the worker with HTTP on :8000 (health, metrics, AsyncAPI docs)
 	$(BIN)/faststream run streams.app:app --host 0.0.0.0 --port 8000
@@ -45,7 +70,8 @@ check: lint typecheck ## ruff + mypy --strict + pytest (what CI runs)
 docs: $(STAMP) ## regenerate asyncapi.yaml from the code
 	# FastStream lists channels, operations, messages and schemas in an order that moves from run to
 	# run (the same content): sorted by name here, so the file changes only when the content does.
-	$(BIN)/faststream docs gen --yaml streams.app:app --out asyncapi.yaml
+	# Each worker reads Redis under a consumer name of its own; the document shows `worker`.
+	PIPELINE_CONSUMER_NAME=worker $(BIN)/faststream docs gen --yaml streams.app:app --out asyncapi.yaml
 	$(BIN)/python -c 'import yaml; d = yaml.safe_load(open("asyncapi.yaml")); \
 		d.update({k: dict(sorted(d[k].items())) for k in ("channels", "operations")}); \
 		d["components"] = {k: dict(sorted(v.items())) for k, v in d["components"].items()}; \
@@ -56,8 +82,9 @@ clean:
 
 .PHONY: bench-scale bench-profile
 BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+$(BENCH_STAMP): pyproject.toml requirements/bench.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/bench.txt
+	$(BIN)/python -m pip check
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP) ## benchmark table -> bench/results/ (BENCH_N=20000 BENCH_ROUNDS=3 BENCH_ONLY=...; see bench/README.md)
