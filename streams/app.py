@@ -12,7 +12,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import redis.asyncio as aioredis
 from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
@@ -23,18 +22,16 @@ from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
-from streams import amqp, emails, health, metrics, names, schema, topology
+from streams import health, metrics, schema, topology
 from streams.deps import ADAPTERS, Adapters, install
-from streams.flows import COMPLETION, EMAIL
-from streams.groups import keep_group_alive
+from streams.groups import group_keeping_connection
 from streams.keepalive import PendingKeepalive
-from streams.lanes import RabbitLane, RedisLane
 from streams.logging import configure_logging, get_logger
 from streams.middleware import make_middleware
 from streams.outlets import RabbitOutlet, RedisOutlet
 from streams.pipeline import Pipeline
 from streams.publishers import declare_publishers
-from streams.routes import build_lanes, register
+from streams.routes import register
 from streams.scheduler import Mover
 from streams.settings import get_settings, mask_url
 from streams.store import EventStore
@@ -47,20 +44,20 @@ log = get_logger("pipeline.app")
 
 
 def consumer_name() -> str:
-    """A Redis consumer name and outbox owner unique to the calling process (a forked worker too)."""
+    """A Redis consumer name and outbox owner unique to the calling process.
+
+    `streams.forkserver` imports this module in each forked worker, not before the fork.
+    """
     return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-CONSUMER = consumer_name()  # renewed at start-up: a worker forked from this process is another consumer
+CONSUMER = consumer_name()
 store = EventStore(
     settings.database_url,
     owner=CONSUMER,
     max_batch=settings.store_batch_max,
     max_wait=settings.store_batch_wait_ms / 1000,
 )
-if settings.amqp_frame_reader:
-    amqp.install()  # before the broker's first connection
-emails.install()  # EmailStr checks each recipient's domain once
 redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
 crash_ledger = CrashLedger(redis_client)
 pipeline = Pipeline(settings, store, crashes=crash_ledger)
@@ -84,6 +81,7 @@ redis = RedisBroker(
     description="Commands on streams `email` and `ai.completion`, outcome events on stream `events`.",
     logger=logging.getLogger("faststream.redis"),
     log_level=logging.DEBUG,
+    connection_class=group_keeping_connection(settings.redis_url, topology.COMMAND_STREAMS),
     middlewares=[RedisPrometheusMiddleware(registry=metrics.REGISTRY, app_name=settings.service_name)],
 )
 
@@ -92,26 +90,14 @@ rabbit_outlet = RabbitOutlet(publishers.rabbit_events, publishers.rabbit_dead_le
 redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
 keepalive = PendingKeepalive(redis_client, topology.COMMAND_STREAMS, CONSUMER, settings.redis_claim_idle_ms)
 mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
-for _flow in (EMAIL, COMPLETION):
-    pipeline.breaker(_flow.dependency)  # one per dependency, visible in health from the start
-pipeline.flow_of_source.update(
-    {names.EMAIL_QUEUE: EMAIL.name, names.COMPLETION_QUEUE: COMPLETION.name}  # the streams share these names
-)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
-rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet, frozenset(topology.COMMAND_QUEUES)))
-redis.add_middleware(make_middleware(pipeline, redis_outlet, frozenset(s for s, _ in topology.COMMAND_STREAMS)))
+rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet))
+redis.add_middleware(make_middleware(pipeline, redis_outlet))
 
-subscribers = register(rabbit, redis, pipeline, settings)
-# The command consumers of a running worker (streams.lanes); FastStream's command subscribers
-# stand in for them in the AsyncAPI document and in in-memory tests.
-lanes = build_lanes(pipeline, redis_client, settings)
+subscribers = register(rabbit, redis, pipeline, settings, consumer=CONSUMER)
 # In-flight handlers get the graceful timeout, the outbox flush half of it; then connections close.
 watchdog = ShutdownWatchdog(deadline=2 * settings.graceful_timeout + 10)
-
-
-async def _not_started(*_: Any, **__: Any) -> None:
-    """`start` of a FastStream subscriber whose queue or stream a lane reads: it never consumes."""
 
 
 async def on_startup() -> None:
@@ -122,30 +108,17 @@ async def on_startup() -> None:
     await schema.prepare(settings.database_url, auto_upgrade=settings.auto_upgrade)
     await store.start(create=False)
     install(Adapters.from_settings(settings))
-    global CONSUMER  # noqa: PLW0603 - one identity per process, set where the process starts working
-    name = CONSUMER = consumer_name()  # this process's Redis consumer name and outbox owner
-    store.owner = name
-    keepalive.consumer = name
-    for key, sub in subscribers.items():
-        stream_sub = getattr(sub, "_stream_sub", None)
-        if stream_sub is not None:
-            stream_sub.consumer = name
-            keep_group_alive(sub)
-        if key in lanes:
-            sub.start = _not_started  # the lane reads this queue or stream instead
-    for lane in lanes.values():
-        if isinstance(lane, RedisLane):
-            lane.consumer = name
     crash_ledger.start()
     await rabbit.connect()
     await topology.declare_rabbit(rabbit)
-    rabbit_outlet.use_exchange(await rabbit.declare_exchange(topology.EVENTS))
+    connection = await rabbit.connect()
+    rabbit_outlet.use_channel(await connection.channel(publisher_confirms=True))
     await topology.declare_redis(redis_client)
     mover.start()
     pipeline.relay.start()
     pipeline.monitor.start()
     keepalive.start()
-    log.info("starting", consumer=name, settings=settings.safe_dump())
+    log.info("starting", consumer=CONSUMER, settings=settings.safe_dump())
 
 
 # Called once every broker consumes (the fork server learns that its worker started for real).
@@ -153,11 +126,7 @@ READY_CALLBACKS: list[Callable[[], None]] = []
 
 
 async def after_startup() -> None:
-    """Start the lanes; tell whoever waits that this worker is consuming."""
-    for lane in lanes.values():
-        if isinstance(lane, RabbitLane):
-            lane.bind(await rabbit.connect())
-        await lane.start()
+    """Tell whoever waits that this worker is consuming."""
     # What start-up made lives as long as the worker: out of the collector's sight, a full
     # collection walks only what handling creates (85-145 ms with the loop stopped before, `make bench`).
     gc.freeze()
@@ -168,10 +137,7 @@ async def after_startup() -> None:
 async def on_shutdown() -> None:
     """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
     watchdog.arm()
-    await asyncio.gather(
-        *(sub.stop() for sub in subscribers.values()),
-        *(lane.stop(settings.graceful_timeout) for lane in lanes.values()),
-    )
+    await asyncio.gather(*(sub.stop() for sub in subscribers.values()))
     await mover.stop()  # scheduled retries stay in Redis for the next mover
     await pipeline.monitor.stop()
     await pipeline.relay.stop(flush_timeout=settings.graceful_timeout / 2)
@@ -234,7 +200,7 @@ def _consumers() -> list[health.Consumer]:
     found = []
     for name, sub in subscribers.items():
         broker, source = name.split(":")[:2]
-        found.append(health.Consumer(name, lanes.get(name, sub), broker, source))
+        found.append(health.Consumer(name, sub, broker, source))
     return found
 
 

@@ -1,23 +1,52 @@
-"""The broker middleware that puts every received message through the Pipeline (both brokers)."""
+"""The broker middleware that puts every command message through the Pipeline (both brokers).
+
+Each command subscriber is declared with a parser from `routed_parser`: FastStream calls it first,
+in the task that then handles the message, and it says which flow and source the message belongs
+to. Messages of other subscribers pass through untouched.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from faststream import BaseMiddleware
-from faststream._internal.basic_types import AsyncFuncAny
 from faststream.message import StreamMessage
 
+from streams.flow import Flow
 from streams.logging import bind_message, get_logger, unbind_message
 from streams.outlets import Outlet
 from streams.pipeline import Delivery, Pipeline
 
 log = get_logger("pipeline.middleware")
 
-# The message being handled, for the subscriber function. A ContextVar rather than FastStream's
-# `Context()`: FastDepends resolves a Context field in a worker thread, once per message.
+DATA_KEY = b"__data__"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a message came from: its flow, its queue or stream, and whether it was reclaimed."""
+
+    flow: Flow[Any]
+    source: str
+    reclaims: bool = False  # read from another consumer's pending list (XAUTOCLAIM)
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A message as its subscriber's parser received it, and its route."""
+
+    route: Route
+    raw: Any  # what the broker client delivered: an aio-pika message, a Redis entry
+
+
+# The route of the message the current task handles (set by its subscriber's parser), and the
+# delivery the subscriber function handles (set by the middleware). ContextVars rather than
+# FastStream's `Context()`: FastDepends resolves a Context field in a worker thread, once a message.
+_ROUTED: contextvars.ContextVar[Routed | None] = contextvars.ContextVar("pipeline_routed", default=None)
 _CURRENT: contextvars.ContextVar[Delivery] = contextvars.ContextVar("pipeline_delivery")
 
 
@@ -26,35 +55,42 @@ def current_delivery() -> Delivery:
     return _CURRENT.get()
 
 
-def source_of(handler: Any, fallback: str) -> str:
-    """The queue or stream name of the subscriber handling the message."""
-    queue = getattr(handler, "queue", None)
-    if queue is not None:
-        return str(queue.name)
-    stream_sub = getattr(handler, "stream_sub", None)
-    if stream_sub is not None:
-        return str(stream_sub.name)
-    return fallback
+Parse = Callable[[Any], Awaitable[StreamMessage[Any]]]
 
 
-def reclaims(handler: Any) -> bool:
-    """True for a Redis subscriber that reads other consumers' idle pending entries (XAUTOCLAIM)."""
-    stream_sub = getattr(handler, "stream_sub", None)
-    return stream_sub is not None and stream_sub.min_idle_time is not None
+def routed_parser(route: Route) -> Callable[[Any, Parse], Awaitable[StreamMessage[Any]]]:
+    """A subscriber's parser: FastStream's own, after noting the route; it never fails.
+
+    An entry FastStream cannot read (a damaged Redis envelope) gets an empty body, which then fails
+    validation: the Pipeline dead-letters it as invalid with its real bytes.
+    """
+
+    async def parse(raw: Any, original: Parse) -> StreamMessage[Any]:
+        _ROUTED.set(Routed(route, raw))  # the real entry, also when it is replaced below
+        try:
+            return await original(raw)
+        except Exception:
+            if not isinstance(raw, dict):  # a RabbitMQ delivery: aio-pika read it already
+                raise
+            return await original({**raw, "data": {DATA_KEY: b""}})
+
+    return parse
 
 
-def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str]) -> type[BaseMiddleware]:
-    """A middleware class bound to one pipeline, one broker's outlet and its command queues or streams."""
+def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
+    """A middleware class bound to one pipeline and one broker's outlet."""
 
     class PipelineMiddleware(BaseMiddleware):
         """Oversize check, ids into logs, and every failure classified once by the Pipeline."""
 
-        async def consume_scope(self, call_next: AsyncFuncAny, msg: StreamMessage[Any]) -> Any:
-            source = source_of(self.context.get_local("handler_"), fallback="")
-            if source not in sources:  # not a command subscriber: nothing to wrap
+        async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
+            routed = _ROUTED.get()
+            if routed is None:  # not a command subscriber: nothing to wrap
                 return await call_next(msg)
-            env = outlet.envelope(msg, source)
-            if reclaims(self.context.get_local("handler_")):
+            _ROUTED.set(None)
+            route = routed.route
+            env = outlet.envelope(routed.raw, route.source)
+            if route.reclaims:
                 # Claimed from another consumer's pending list: that consumer died holding it.
                 count: int = await getattr(msg, "get_delivery_count")()  # noqa: B009 - Redis stream messages only
                 env = env.with_redeliveries(max(count - 1, 0))
@@ -71,7 +107,9 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet, sources: frozenset[str])
             finally:
                 unbind_message()
 
-        async def _handle(self, call_next: AsyncFuncAny, msg: StreamMessage[Any], delivery: Delivery) -> None:
+        async def _handle(
+            self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], delivery: Delivery
+        ) -> None:
             async def handle() -> None:
                 _CURRENT.set(delivery)  # this task's own context: set, never reset, gone with the task
                 await call_next(msg)

@@ -10,19 +10,16 @@ from typing import Any, Protocol, cast
 
 import aiormq
 import redis.asyncio as aioredis
-from aio_pika import DeliveryMode, Exchange
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
-from aiormq.abc import DeliveredMessage
-from faststream.message import StreamMessage
+from aio_pika import DeliveryMode
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import DeliveryError
 from faststream.rabbit.publisher.usecase import RabbitPublisher
 from faststream.redis.parser import BinaryMessageFormatV1
 from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 from pamqp import commands as spec
 
 from streams import names, scheduler, topology
-from streams.amqp import publish_confirmed
 from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
-from streams.resp import PackedConnection, bulk, faststream_entry, parse_faststream_entry
 from streams.store import PendingEvent
 
 DATA_KEY = b"__data__"
@@ -33,8 +30,8 @@ class Outlet(Protocol):
 
     transport: Transport
 
-    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
-        """Read a received message once into an Envelope."""
+    def envelope(self, raw: Any, source: str) -> Envelope:
+        """Read a message as the broker client delivered it, once, into an Envelope."""
         ...
 
     async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
@@ -108,17 +105,18 @@ class RabbitOutlet:
         self.events = events  # document the channel (AsyncAPI); in-memory tests publish through them
         self.dead_letters = dead_letters
         self.delay = delay
-        # Set once connected (`use_exchange`): outcome events then go straight to aio-pika. The
-        # relay is the hot path; FastStream's publisher adds its middlewares (metrics, logging)
-        # and call chain to every event (17% of the worker's CPU in `make bench-profile`).
-        self.events_exchange: AbstractExchange | None = None
+        # Set once connected (`use_channel`): outcome events then go out on a confirming channel of
+        # the worker's own, beside FastStream's (whose publishers add a call chain to every event).
+        self.events_channel: AbstractChannel | None = None
+        self.events_exchange = names.EVENTS_EXCHANGE
 
-    def use_exchange(self, exchange: AbstractExchange) -> None:
-        """Publish outcome events straight to this (confirming) `events` exchange."""
+    def use_channel(self, channel: AbstractChannel, exchange: str = names.EVENTS_EXCHANGE) -> None:
+        """Publish outcome events on `channel` (publisher confirms on) to `exchange`."""
+        self.events_channel = channel
         self.events_exchange = exchange
 
-    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
-        return self.delivered(msg.raw_message, source)
+    def envelope(self, raw: Any, source: str) -> Envelope:
+        return self.delivered(raw, source)
 
     @staticmethod
     def delivered(raw: AbstractIncomingMessage, source: str) -> Envelope:
@@ -134,28 +132,29 @@ class RabbitOutlet:
             raw.timestamp,
         )
 
-    @staticmethod
-    def framed(raw: DeliveredMessage, source: str) -> Envelope:
-        """The Envelope of a message aiormq delivered from `source` (no aio-pika message in between)."""
-        p = raw.header.properties
-        return _rabbit_envelope(
-            source, raw.body, p.headers, p.message_id, p.correlation_id, p.content_type, raw.redelivered, p.timestamp
-        )
-
     async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
-        # Sent in order on one channel; the confirms are awaited together, not one by one.
-        exchange = self.events_exchange
-        if exchange is None:
+        if self.events_channel is None:  # not connected to a real broker (in-memory tests): FastStream's publishers
             await asyncio.gather(*(self._publish_event(row) for row in rows))
             return
-        # Straight to aiormq, all in one write (`streams.amqp`): aio-pika's Message object, and
-        # aiormq's per-publish lock, write and drain, cost more CPU than the frames themselves
-        # (`make bench-profile`). A nack raises DeliveryError.
-        channel = cast(aiormq.Channel, await cast(Exchange, exchange).channel.get_underlay_channel())
+        # aiormq's public `basic_publish` on the (robust) channel's current channel: each publish is
+        # queued in call order without waiting for the socket, and the confirms are awaited together.
+        channel = cast(aiormq.Channel, await self.events_channel.get_underlay_channel())
         stamp = datetime.now(UTC).replace(microsecond=0)
-        await publish_confirmed(
-            channel, exchange.name, [(row.event_type, row.payload, _event_properties(row, stamp)) for row in rows]
+        confirms = await asyncio.gather(
+            *(
+                channel.basic_publish(
+                    row.payload,
+                    exchange=self.events_exchange,
+                    routing_key=row.event_type,
+                    properties=_event_properties(row, stamp),
+                    wait=False,
+                )
+                for row in rows
+            )
         )
+        for confirm in confirms:
+            if not isinstance(confirm, spec.Basic.Ack):
+                raise DeliveryError(None, cast(Any, confirm))  # aiormq's error for a refused publish
 
     async def _publish_event(self, row: PendingEvent) -> None:
         await self.events[row.event_type].publish(
@@ -190,6 +189,21 @@ class RabbitOutlet:
         )
 
 
+def ascii_header(value: str) -> str:
+    """A header value FastStream's binary envelope keeps intact: non-ASCII characters escaped.
+
+    FastStream 0.7.8's `BinaryMessageFormatV1.encode` writes a string's length in characters, not
+    bytes, so a non-ASCII value corrupts the whole entry (the body's bytes are untouched either way;
+    the event's JSON body keeps every id exactly).
+    """
+    return value if value.isascii() else value.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def envelope_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Headers for FastStream's binary envelope (`ascii_header` on every value)."""
+    return {k: ascii_header(v) for k, v in headers.items()}
+
+
 class RedisOutlet:
     """Redis Streams: events on stream `events`, dead letters verbatim in `<stream>.dlq`."""
 
@@ -206,13 +220,9 @@ class RedisOutlet:
         self.events = events  # documents the channel; the relay writes through `client`
         self.events_stream = stream
         self.client = client
-        self._xadds: PackedConnection | None = None  # the outcome XADDs' connection, made on first use
-        head = (b"XADD", self.events_stream.encode(), b"*", DATA_KEY)
-        self._xadd_head = b"*5\r\n" + b"".join(bulk(arg) for arg in head)  # the entry's bulk follows
         self.groups = groups
 
-    def envelope(self, msg: StreamMessage[Any], source: str) -> Envelope:
-        raw = msg.raw_message
+    def envelope(self, raw: Any, source: str) -> Envelope:
         entry_ids = raw.get("message_ids") or []
         return self.entry(source, entry_ids[0].decode() if entry_ids else None, dict(raw["data"]))
 
@@ -221,7 +231,7 @@ class RedisOutlet:
         """The Envelope of one stream entry: its id and its fields as stored."""
         data = fields.get(DATA_KEY)
         if data is not None:
-            body, envelope_headers = parse_faststream_entry(data)
+            body, envelope_headers = BinaryMessageFormatV1.parse(data)
             headers = _text_headers(envelope_headers)
         else:
             # A plain entry written by a non-FastStream producer: its fields are the message.
@@ -245,38 +255,34 @@ class RedisOutlet:
         )
 
     async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
-        """XADD each row to `events` in FastStream's envelope, in order, in one round trip.
+        """XADD each row to `events` in FastStream's envelope, in order, in one redis-py pipeline.
 
-        Packed here and sent on a connection of the outlet's own (`streams.resp`): FastStream's
-        encoder and a redis-py pipeline cost 6.2 + 11.9 us of CPU an event, these 1.7 + 1.45
-        (128 events a call, side by side). Some may have been added when it raises: the relay
-        publishes them again, and consumers dedupe on the event id (`message_id`).
+        Some may have been added when it raises: the relay publishes them again, and consumers
+        dedupe on the event id (`message_id`).
         """
-        if self._xadds is None:
-            self._xadds = PackedConnection(self.client)
-        head = self._xadd_head
-        packed = b"".join(
-            head
-            + bulk(
-                faststream_entry(
-                    row.payload,
-                    (
-                        ("correlation_id", row.correlation_id),
-                        ("content-type", "application/json"),
-                        (names.H_EVENT_TYPE, row.event_type),
-                        (names.H_MESSAGE_ID, row.message_id),
-                        ("message_id", row.event_id),
-                    ),
-                )
+        entries = [
+            await BinaryMessageFormatV1.encode(
+                message=row.payload,
+                reply_to=None,
+                headers=envelope_headers(
+                    {
+                        "content-type": "application/json",
+                        names.H_EVENT_TYPE: row.event_type,
+                        names.H_MESSAGE_ID: row.message_id,
+                        "message_id": row.event_id,
+                    }
+                ),
+                correlation_id=ascii_header(row.correlation_id),
             )
             for row in rows
-        )
-        await self._xadds.exchange(packed, len(rows))
+        ]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xadd(self.events_stream, {DATA_KEY: entry})
+            await pipe.execute()
 
     async def close(self) -> None:
-        """Close the outlet's own connection (the client is closed by its owner)."""
-        if self._xadds is not None:
-            await self._xadds.close()
+        """Nothing of its own to close: the client is closed by its owner."""
 
     async def dead_letter(self, env: Envelope, headers: dict[str, str]) -> None:
         # The entry's own fields go in untouched; the failure headers ride beside them. Parking
@@ -308,8 +314,8 @@ class RedisOutlet:
             fields[DATA_KEY] = await BinaryMessageFormatV1.encode(
                 message=env.body,
                 reply_to=None,
-                headers={**env.headers, **headers},
-                correlation_id=env.correlation_id,
+                headers=envelope_headers({**env.headers, **headers}),
+                correlation_id=ascii_header(env.correlation_id),
             )
         else:
             fields.update({k.encode(): v.encode() for k, v in headers.items()})

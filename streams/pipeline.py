@@ -2,41 +2,33 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Generic, TypeVar
-
-from prometheus_client import Histogram
+from typing import Any, TypeVar
 
 from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
-from schemas import Command, Event, FailureKind, MessageContext, MessageDeadLettered, RetryScheduled
+from schemas import Command, Event, FailureKind, MessageDeadLettered, RetryScheduled
 from streams import faults, metrics, names, topology
 from streams.alerts import Alerter
 from streams.breaker import Breaker
 from streams.envelope import Envelope, Transport
 from streams.failures import Failure, classify
+from streams.flow import Flow
 from streams.logging import get_logger
 from streams.monitor import Monitor
 from streams.outlets import Outlet
 from streams.relay import Relay
 from streams.settings import Settings
 from streams.store import Commit, EventStore, Outcome
-from streams.suspects import CrashLedger, Isolation, ledger_key, run_counted
+from streams.suspects import CrashLedger, Isolation
 
 log = get_logger("pipeline")
 
 C = TypeVar("C", bound=Command)
-
-
-# Handlers of one batch running at once: a crash charges each of them (streams.suspects).
-HANDLERS_AT_ONCE = 16
 
 
 class Admission(Enum):
@@ -49,19 +41,6 @@ class Admission(Enum):
 
 class PoisonMessageError(PipelineError):
     """Raised when a message was delivered again and again without an outcome: it kills its worker."""
-
-
-@dataclass(frozen=True, slots=True)
-class Flow(Generic[C]):
-    """One command's route: its store stream, and the `*.failed` event it ends with when it fails for good."""
-
-    name: str
-    command: type[C]
-    dependency: str  # the side effect it needs; one circuit breaker per dependency
-    stream_id: Callable[[C, MessageContext], str]
-    failed: Callable[[C, MessageContext, FailureKind, str], Event]
-    # An event recorded (not published) when the command first arrives, before the handler runs.
-    requested: Callable[[C, MessageContext], Event] | None = None
 
 
 class Delivery:
@@ -110,6 +89,12 @@ class Pipeline:
                 probes=self.settings.breaker_probes,
             )
         return self.breakers[dependency]
+
+    def add_flow(self, flow: Flow[Any]) -> None:
+        """Know a flow: its queue and stream name its inbox consumer; its dependency gets a breaker."""
+        self.flow_of_source[flow.queue] = flow.name
+        self.flow_of_source[flow.stream] = flow.name
+        self.breaker(flow.dependency)  # visible in health from the start
 
     def attach(self, outlet: Outlet) -> None:
         """Use `outlet` for messages of its transport."""
@@ -191,133 +176,6 @@ class Pipeline:
             metrics.END_TO_END.labels(env.transport, flow.name).observe(max(time.time() - env.published_at, 0.0))
         faults.crash_at("after_commit", env.body)
         log.info("handled", event_type=outcome.TYPE, attempt=env.attempt)
-
-    async def run_batch(
-        self,
-        flow: Flow[C],
-        batch: Sequence[tuple[Delivery, C]],
-        handler: Callable[[C, MessageContext], Awaitable[Event]],
-        committed: Callable[[Sequence[BaseException | None]], None] | None = None,
-    ) -> list[BaseException | None]:
-        """`run` for first deliveries of one flow, decoded, side by side, while its breaker is closed.
-
-        What `run` does one message at a time is done here once for all: one inbox query, one
-        crash-ledger round trip each way, the handlers concurrently, the outcomes into the group
-        commit together. Returns, per delivery, None when it is done (handled or a duplicate) or
-        the exception it failed with, for `fail` to classify as it would from `run`. `committed`
-        gets those same results once the outcomes are committed, before their publish is awaited:
-        what is done then may be acknowledged (the outbox holds its outcome).
-        """
-        for delivery, cmd in batch:
-            delivery.command = cmd
-            delivery.flow = flow  # type: ignore[assignment]  # Flow is invariant; C is a Command
-        results: list[BaseException | None] = [None] * len(batch)
-        seen = await self.store.seen_many(flow.name, [d.envelope.message_id for d, _ in batch])
-        todo: list[int] = []
-        for i, (delivery, _) in enumerate(batch):
-            if seen[i]:  # redelivered or re-published after its outcome was committed
-                env = delivery.envelope
-                metrics.DUPLICATES.labels(env.transport, env.source).inc()
-                log.info("duplicate skipped", **_ids(env))
-            else:
-                todo.append(i)
-        if flow.requested is not None:
-            await self._requested_batch(flow, batch, [i for i in todo if batch[i][0].envelope.attempt == 1], results)
-            todo = [i for i in todo if results[i] is None]
-        outcomes = await self._handle_batch(flow, [batch[i] for i in todo], handler)
-        done: list[tuple[int, Event]] = []
-        for i, outcome in zip(todo, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                results[i] = outcome
-            else:
-                faults.crash_at("after_handler", batch[i][0].envelope.body)
-                done.append((i, outcome))
-        await self._commit_batch(flow, batch, done, results, committed)
-        return results
-
-    async def _requested_batch(
-        self, flow: Flow[C], batch: Sequence[tuple[Delivery, C]], first: list[int], results: list[BaseException | None]
-    ) -> None:
-        """Record the `requested` event of first attempts, before their handlers run."""
-        assert flow.requested is not None
-        units = []
-        for i in first:
-            delivery, cmd = batch[i]
-            ctx = delivery.envelope.context
-            units.append(Commit(flow.stream_id(cmd, ctx), [flow.requested(cmd, ctx)], delivery.envelope, publish=False))
-        for i, done in zip(first, await self.store.commit_many(units), strict=True):
-            if isinstance(done, BaseException):
-                results[i] = done
-
-    async def _handle_batch(
-        self,
-        flow: Flow[C],
-        batch: Sequence[tuple[Delivery, C]],
-        handler: Callable[[C, MessageContext], Awaitable[Event]],
-    ) -> list[Event | BaseException]:
-        """The handlers, at most `HANDLERS_AT_ONCE` at a time, counted in the crash ledger, reported to the breaker.
-
-        A worker that dies charges a crash to every handler counted at that moment: the bound
-        keeps the innocent neighbours of a poison message few (each then runs alone once). The
-        handlers of a turn share one ledger call (`suspects.run_counted`).
-        """
-
-        async def one(env: Envelope, cmd: C) -> Event:
-            faults.crash_at("before_handler", env.body)
-            return await handler(cmd, env.context)
-
-        outcomes = await run_counted(
-            self.crashes,
-            [(ledger_key(d.envelope), functools.partial(one, d.envelope, cmd)) for d, cmd in batch],
-            HANDLERS_AT_ONCE,
-        )
-        breaker = self.breaker(flow.dependency)
-        if any(not isinstance(o, BaseException) for o in outcomes):
-            await breaker.success()
-        for outcome in outcomes:
-            if isinstance(outcome, DependencyUnavailableError):
-                await breaker.failure()
-        return outcomes
-
-    async def _commit_batch(
-        self,
-        flow: Flow[C],
-        batch: Sequence[tuple[Delivery, C]],
-        done: list[tuple[int, Event]],
-        results: list[BaseException | None],
-        committed: Callable[[Sequence[BaseException | None]], None] | None = None,
-    ) -> None:
-        """Commit each outcome with its inbox entry, the commits sharing transactions; then publish them."""
-        units = []
-        for i, outcome in done:
-            delivery, cmd = batch[i]
-            units.append(
-                Commit(flow.stream_id(cmd, delivery.envelope.context), [outcome], delivery.envelope, consumer=flow.name)
-            )
-        now = time.time()
-        # Looked up once a batch, not once a message: the histogram of each transport, and
-        # whether a "handled" line would be written at all.
-        latency: dict[Transport, Histogram] = {}
-        logging_handled = log.isEnabledFor(logging.INFO)
-        for (i, outcome), written in zip(done, await self.store.commit_many(units), strict=True):
-            env = batch[i][0].envelope
-            if isinstance(written, BaseException):
-                results[i] = written
-            elif written.outcome is Outcome.DUPLICATE:
-                metrics.DUPLICATES.labels(env.transport, env.source).inc()
-                log.info("duplicate skipped at commit", **_ids(env))
-            else:
-                if env.published_at is not None:
-                    if env.transport not in latency:
-                        latency[env.transport] = metrics.END_TO_END.labels(env.transport, flow.name)
-                    latency[env.transport].observe(max(now - env.published_at, 0.0))
-                faults.crash_at("after_commit", env.body)
-                if logging_handled:
-                    log.info("handled", event_type=outcome.TYPE, attempt=env.attempt, **_ids(env))
-        if committed is not None:
-            committed(results)
-        if units:
-            await self.relay.publish_committed()
 
     async def _through_breaker(self, dependency: str, env: Envelope, handle: Callable[[], Awaitable[Event]]) -> Event:
         """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""
@@ -455,11 +313,6 @@ class Pipeline:
     async def close(self) -> None:
         """Release what the pipeline holds."""
         await self.alerter.close()
-
-
-def _ids(env: Envelope) -> dict[str, str]:
-    """A message's ids for a log line written outside its own context (a batch)."""
-    return {"message_id": env.message_id, "correlation_id": env.correlation_id, "queue": env.source}
 
 
 def utcnow() -> datetime:

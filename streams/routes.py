@@ -1,162 +1,103 @@
-"""The routing table: which subscriber feeds which handler, on which broker, publishing where.
+"""Subscribers from flow declarations: each flow on RabbitMQ, on Redis Streams, and its Redis reclaimer.
 
-| command            | RabbitMQ queue (exchange `tasks`) | Redis stream (group)          | handler                 |
-|--------------------|-----------------------------------|-------------------------------|-------------------------|
-| SendEmail          | `email`                           | `email` (`email-workers`)     | handlers.email          |
-| RequestCompletion  | `ai.completion`                   | `ai.completion` (`ai-workers`)| handlers.completion     |
-
-Every handler's outcome goes to `events` on the broker the command came from.
+These FastStream subscribers are what a worker consumes with, what the AsyncAPI document lists and
+what the in-memory TestBroker tests drive. The middleware (`streams.middleware`) puts every message
+through the Pipeline; the subscriber function runs the flow's handler with its dependency, handed
+over by FastStream `Depends` (so `broker.provider.override(get_mailer, ...)` reaches it).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Annotated, Any
 
-import redis.asyncio as aioredis
+from faststream import Depends
 from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker, StreamSub
 
-from handlers import completion, email
-from schemas import Event, MessageContext, RequestCompletion, SendEmail
-from streams import names, topology
-from streams.deps import ADAPTERS, MailerDep, ModelDep
-from streams.flows import COMPLETION, EMAIL
-from streams.lanes import Lane, RabbitLane, RedisLane
-from streams.middleware import current_delivery
-from streams.parsing import tolerant_redis_parser
+from streams import topology
+from streams.flow import Flow
+from streams.flows import FLOWS
+from streams.middleware import Route, current_delivery, routed_parser
 from streams.pipeline import Pipeline
 from streams.settings import Settings
 
-# The AsyncAPI document shows this placeholder; each process takes a unique name at start-up.
-CONSUMER_PLACEHOLDER = "worker"
 
+def subscriber_function(pipeline: Pipeline, flow: Flow[Any]) -> Any:
+    """The function FastStream calls with the validated command and the flow's dependency."""
 
-def register(rabbit: RabbitBroker, redis: RedisBroker, pipeline: Pipeline, settings: Settings) -> dict[str, Any]:
-    """Subscribe every flow on both brokers; returns the subscribers by `broker:queue` name."""
-
-    def stream(name: str, group: str, *, reclaim: bool = False) -> StreamSub:
-        """New entries of a stream; with `reclaim`, entries another consumer left pending too long."""
-        return StreamSub(
-            name,
-            group=group,
-            consumer=CONSUMER_PLACEHOLDER,
-            max_records=settings.redis_read_count,
-            polling_interval=settings.redis_polling_ms,
-            min_idle_time=settings.redis_claim_idle_ms if reclaim else None,
-        )
-
-    rabbit_send_email_sub = rabbit.subscriber(
-        topology.command_queue(names.EMAIL_QUEUE),
-        topology.TASKS,
-        title="email:SendEmail",
-        description="Send an e-mail; answers `email.sent` or `email.failed`.",
-    )
-
-    @rabbit_send_email_sub
-    async def rabbit_send_email(cmd: SendEmail, mailer: MailerDep) -> None:
+    async def handle(cmd: Any, dependency: Any) -> None:
         delivery = current_delivery()
-        await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
+        ctx = delivery.envelope.context
+        await pipeline.run(delivery, flow, cmd, lambda: flow.handler(cmd, ctx, dependency))
 
-    rabbit_complete_sub = rabbit.subscriber(
-        topology.command_queue(names.COMPLETION_QUEUE),
-        topology.TASKS,
-        title="ai.completion:RequestCompletion",
-        description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
-    )
-
-    @rabbit_complete_sub
-    async def rabbit_complete(cmd: RequestCompletion, model: ModelDep) -> None:
-        delivery = current_delivery()
-        await pipeline.run(
-            delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
-        )
-
-    redis_send_email_sub = redis.subscriber(
-        stream=stream(names.EMAIL_STREAM, names.EMAIL_GROUP),
-        parser=tolerant_redis_parser,
-        max_workers=settings.redis_max_workers,
-        title="email:SendEmail:redis",
-        description="Send an e-mail; answers `email.sent` or `email.failed`.",
-    )
-
-    redis_send_email_reclaim_sub = redis.subscriber(
-        stream=stream(names.EMAIL_STREAM, names.EMAIL_GROUP, reclaim=True),
-        parser=tolerant_redis_parser,
-        include_in_schema=False,
-    )
-
-    @redis_send_email_sub
-    async def redis_send_email(cmd: SendEmail, mailer: MailerDep) -> None:
-        delivery = current_delivery()
-        await pipeline.run(delivery, EMAIL, cmd, lambda: email.send_email(cmd, delivery.envelope.context, mailer))
-
-    redis_complete_sub = redis.subscriber(
-        stream=stream(names.COMPLETION_STREAM, names.COMPLETION_GROUP),
-        parser=tolerant_redis_parser,
-        max_workers=settings.redis_max_workers,
-        title="ai.completion:RequestCompletion:redis",
-        description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
-    )
-
-    redis_send_email_reclaim_sub(redis_send_email)  # the same handler, for reclaimed entries
-
-    redis_complete_reclaim_sub = redis.subscriber(
-        stream=stream(names.COMPLETION_STREAM, names.COMPLETION_GROUP, reclaim=True),
-        parser=tolerant_redis_parser,
-        include_in_schema=False,
-    )
-
-    @redis_complete_sub
-    async def redis_complete(cmd: RequestCompletion, model: ModelDep) -> None:
-        delivery = current_delivery()
-        await pipeline.run(
-            delivery, COMPLETION, cmd, lambda: completion.complete(cmd, delivery.envelope.context, model)
-        )
-
-    redis_complete_reclaim_sub(redis_complete)
-
-    return {
-        f"rabbit:{names.EMAIL_QUEUE}": rabbit_send_email_sub,
-        f"rabbit:{names.COMPLETION_QUEUE}": rabbit_complete_sub,
-        f"redis:{names.EMAIL_STREAM}": redis_send_email_sub,
-        f"redis:{names.COMPLETION_STREAM}": redis_complete_sub,
-        f"redis:{names.EMAIL_STREAM}:reclaim": redis_send_email_reclaim_sub,
-        f"redis:{names.COMPLETION_STREAM}:reclaim": redis_complete_reclaim_sub,
+    # FastStream validates the body against the first parameter's type (and documents it in the
+    # AsyncAPI document) and resolves the second through `Depends`: both are the flow's own.
+    handle.__annotations__ = {
+        "cmd": flow.command,
+        "dependency": Annotated[Any, Depends(flow.provide)],
+        "return": None,
     }
+    handle.__name__ = handle.__qualname__ = f"handle_{flow.name}"
+    return handle
 
 
-async def _send_email(cmd: SendEmail, ctx: MessageContext) -> Event:
-    return await email.send_email(cmd, ctx, ADAPTERS.mailer)
+def register(
+    rabbit: RabbitBroker,
+    redis: RedisBroker,
+    pipeline: Pipeline,
+    settings: Settings,
+    *,
+    consumer: str,
+    flows: Iterable[Flow[Any]] = FLOWS,
+) -> dict[str, Any]:
+    """Subscribe every flow on both brokers; returns the subscribers by `broker:source[:reclaim]` name."""
+    subscribers: dict[str, Any] = {}
+    for flow in flows:
+        pipeline.add_flow(flow)
+        function = subscriber_function(pipeline, flow)
+        title = f"{flow.queue}:{flow.command.__name__}"
 
-
-async def _complete(cmd: RequestCompletion, ctx: MessageContext) -> Event:
-    return await completion.complete(cmd, ctx, ADAPTERS.model)
-
-
-def build_lanes(pipeline: Pipeline, client: aioredis.Redis, settings: Settings) -> dict[str, Lane]:
-    """The lanes of the same routes (streams.lanes), by the name of the subscriber each replaces."""
-    if not settings.lanes:
-        return {}
-    found: list[Lane] = []
-    for flow, handler, queue, (stream, group) in (
-        (EMAIL, _send_email, names.EMAIL_QUEUE, (names.EMAIL_STREAM, names.EMAIL_GROUP)),
-        (COMPLETION, _complete, names.COMPLETION_QUEUE, (names.COMPLETION_STREAM, names.COMPLETION_GROUP)),
-    ):
-        found.append(
-            RabbitLane(pipeline, flow, handler, queue, prefetch=settings.rabbit_prefetch, batches=settings.lane_batches)
+        rabbit_sub = rabbit.subscriber(
+            topology.command_queue(flow.queue),
+            topology.TASKS,
+            parser=routed_parser(Route(flow, flow.queue)),
+            title=title,
+            description=flow.description,
         )
-        found.append(
-            RedisLane(
-                pipeline,
-                flow,
-                handler,
-                client,
-                stream,
-                group,
-                count=settings.redis_read_count,
-                max_in_flight=settings.redis_max_workers,
-                block_ms=settings.redis_polling_ms,
-                batches=settings.lane_batches,
-            )
+        rabbit_sub(function)
+        subscribers[f"rabbit:{flow.queue}"] = rabbit_sub
+
+        # New entries, handled side by side (FastStream's concurrent subscriber): a slow call
+        # holds one of `max_workers` places, never the entries read with it.
+        redis_sub = redis.subscriber(
+            stream=StreamSub(
+                flow.stream,
+                group=flow.group,
+                consumer=consumer,
+                max_records=settings.redis_read_count,
+                polling_interval=settings.redis_polling_ms,
+            ),
+            parser=routed_parser(Route(flow, flow.stream)),
+            max_workers=settings.redis_max_workers,
+            title=f"{title}:redis",
+            description=flow.description,
         )
-    return {lane.name: lane for lane in found}
+        redis_sub(function)
+        subscribers[f"redis:{flow.stream}"] = redis_sub
+
+        # Entries another consumer read and left pending past the claim time: it died holding them.
+        reclaim_sub = redis.subscriber(
+            stream=StreamSub(
+                flow.stream,
+                group=flow.group,
+                consumer=consumer,
+                polling_interval=settings.redis_reclaim_polling_ms,
+                min_idle_time=settings.redis_claim_idle_ms,
+            ),
+            parser=routed_parser(Route(flow, flow.stream, reclaims=True)),
+            include_in_schema=False,
+        )
+        reclaim_sub(function)
+        subscribers[f"redis:{flow.stream}:reclaim"] = reclaim_sub
+    return subscribers

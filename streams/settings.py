@@ -88,23 +88,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1)
     alert_url: HttpUrl | None = None
 
-    # Command queues and streams are read by lanes (streams.lanes): batched reads and acks, no
-    # FastStream call chain per message. False: each message through its FastStream subscriber.
-    lanes: bool = True
-    # Batches a lane handles at once; what arrives meanwhile forms the next batch.
-    lane_batches: int = Field(2, ge=1, le=64)
-    # Bigger windows, bigger batches under load, less CPU per message (`make bench`, SQLite store:
-    # RabbitMQ prefetch 64 -> 128: 3,879-3,979 -> 4,171-4,176 msg/s, p99 at half rate 26-50 ->
-    # 32 ms; Redis 64 -> 256: 5,729 -> 6,692 msg/s, p99 9-11 ms). A quiet queue still makes
-    # batches of one: a batch takes what has arrived, it does not wait to fill.
+    # Deliveries a worker holds at once on each command queue; handled side by side, their
+    # commits sharing transactions.
     rabbit_prefetch: int = Field(128, ge=1, le=65_535)
-    # RabbitMQ frames read a socket buffer at a time and decoded here (`streams.amqp.FrameReader`):
-    # 32 -> 17 µs of CPU a delivery in a side-by-side consumer. False: aiormq's own reader.
-    amqp_frame_reader: bool = True
     redis_read_count: int = Field(256, ge=1, le=10_000)
-    # Messages of one stream handled at once (a lane's in-flight cap, FastStream's max_workers).
+    # Entries of one stream handled at once (FastStream's `max_workers`).
     redis_max_workers: int = Field(256, ge=1, le=1_000)
     redis_polling_ms: int = Field(100, ge=1)
+    # How often a reclaiming subscriber looks for entries a dead consumer left pending.
+    redis_reclaim_polling_ms: int = Field(1_000, ge=1)
 
     service_name: str = "pipeline"
     log_level: str = "INFO"

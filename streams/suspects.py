@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, Final, TypeVar, cast
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from streams.committer import GroupCommitter
 from streams.envelope import Envelope
 from streams.logging import get_logger
-from streams.resp import PackedConnection, bulk
 
 log = get_logger("pipeline.suspects")
 
@@ -58,8 +56,6 @@ end
 return #KEYS
 """
 
-T = TypeVar("T")
-
 
 def ledger_key(env: Envelope) -> str:
     """One counter per message, attempt and replay: a retry or a replay starts from zero."""
@@ -75,13 +71,10 @@ class CrashLedger:
         # Every message passes here: only the counters of crashed runs may stay behind.
         self._count = client.register_script(_COUNT)
         self._retries: set[asyncio.Task[None]] = set()
-        # Concurrent messages share one round trip each way, as their commits share a transaction;
-        # each way on a connection of its own (one call at a time: the committer's writer).
+        # Concurrent messages share one round trip each way, as their commits share a transaction
+        # (redis-py's Script: EVALSHA, loaded again after a Redis restart).
         self._starts: GroupCommitter[str, None] = GroupCommitter(self._count_starts, max_batch=512)
         self._ends: GroupCommitter[str, None] = GroupCommitter(self._count_returns, max_batch=512)
-        self._start_calls = _ScriptCalls(self._count)
-        self._end_calls = _ScriptCalls(self._count)
-        self._turn_calls = _ScriptCalls(self._count)
 
     def start(self) -> None:
         """Share round trips between concurrent messages (on the running loop)."""
@@ -92,17 +85,14 @@ class CrashLedger:
         """Send what is queued, then write each update alone."""
         await self._starts.stop()
         await self._ends.stop()
-        await self._start_calls.close()
-        await self._end_calls.close()
-        await self._turn_calls.close()
 
     async def _count_starts(self, keys: Sequence[str]) -> list[None]:
         # One command for the lot: a script over every key (a pipeline packs two commands a key).
-        await self._start_calls(keys, TTL_SECONDS, 0)
+        await self._count(keys=list(keys), args=[TTL_SECONDS, 0])
         return [None] * len(keys)
 
     async def _count_returns(self, keys: Sequence[str]) -> list[None]:
-        await self._end_calls(keys, TTL_SECONDS, len(keys))
+        await self._count(keys=list(keys), args=[TTL_SECONDS, len(keys)])
         return [None] * len(keys)
 
     async def crashes(self, env: Envelope) -> int:
@@ -138,21 +128,6 @@ class CrashLedger:
             log.warning("crash ledger unavailable; the run is uncounted once it is back", error=repr(exc))
             self._retry_returned_later([key])
 
-    async def turn(self, ended: Sequence[str], started: Sequence[str]) -> None:
-        """Count down the runs that `ended` and count up those `started` next, in one round trip.
-
-        While Redis does not answer, the runs starting are not counted (logged) and the count-downs
-        are retried in the background, as `handler_started` and `handler_returned` do.
-        """
-        if not ended and not started:
-            return
-        try:
-            await self._turn_calls([*ended, *started], TTL_SECONDS, len(ended))
-        except (RedisError, OSError) as exc:
-            log.warning("crash ledger unavailable; these runs are not counted", starting=len(started), error=repr(exc))
-            if ended:
-                self._retry_returned_later(ended)
-
     def _retry_returned_later(self, keys: Sequence[str]) -> None:
         task = asyncio.get_running_loop().create_task(self._retry_returned(list(keys)))
         self._retries.add(task)
@@ -169,109 +144,6 @@ class CrashLedger:
             except (RedisError, OSError):
                 delay = min(delay * 2, 5.0)
         log.warning("crash ledger still unavailable; runs that ended stay counted", keys=keys)
-
-
-async def run_counted(
-    ledger: CrashLedger | None, runs: Sequence[tuple[str, Callable[[], Coroutine[Any, Any, T]]]], at_once: int
-) -> list[T | BaseException]:
-    """Each run (ledger key, coroutine function) as a task, at most `at_once` at a time, each counted
-    in the ledger from just before it starts until just after it ends; results (or what each raised) in order.
-
-    A turn is one ledger call: the runs that ended since the last one are counted down and the next
-    ones up together, and those start once it has returned. So a crash charges at most `at_once`
-    runs (those counted at that moment), a run starts counted whenever Redis answers, a run that
-    ends frees its place for the next at the next turn (a slow run holds up no other), and every run
-    is counted down before this returns, cancelled or not. One call a turn, not two calls and two
-    futures a run: the handlers of a batch that arrived together start after one round trip.
-    """
-    results: list[T | BaseException] = [asyncio.CancelledError()] * len(runs)
-    loop = asyncio.get_running_loop()
-    running: dict[asyncio.Task[T], int] = {}
-    ended: list[int] = []
-    wake: list[asyncio.Future[None]] = []  # the runner's, while it waits for a run to end
-
-    def finished(task: asyncio.Task[T]) -> None:
-        i = running.pop(task)
-        if task.cancelled():
-            results[i] = asyncio.CancelledError()
-        else:
-            error = task.exception()
-            results[i] = task.result() if error is None else error
-        ended.append(i)
-        if wake and not wake[0].done():
-            wake[0].set_result(None)
-
-    following = 0  # the next run to start
-    try:
-        while True:
-            starting = range(following, min(len(runs), following + at_once - len(running)))
-            following = starting.stop
-            done = ended[:]
-            ended.clear()
-            if ledger is not None:
-                try:
-                    await ledger.turn([runs[i][0] for i in done], [runs[i][0] for i in starting])
-                except BaseException:
-                    # Cancelled in the call: it may or may not have counted; count all of them down
-                    # (a run that never started has a count of 0 or 1: down to none either way).
-                    ended[:0] = [*done, *starting]
-                    raise
-            for i in starting:
-                task = loop.create_task(runs[i][1]())
-                running[task] = i
-                task.add_done_callback(finished)
-            if not running and not ended and following == len(runs):
-                return results
-            if not ended:
-                wake.append(loop.create_future())
-                try:
-                    await wake[0]
-                finally:
-                    wake.clear()
-    finally:
-        if running:  # cancelled: stop the runs, then count them down
-            left = list(running)
-            for run in left:
-                run.cancel()
-            await asyncio.gather(*left, return_exceptions=True)
-        if ended and ledger is not None:
-            await ledger.turn([runs[i][0] for i in ended], [])
-
-
-class _ScriptCalls:
-    """EVALSHA of one script on a connection of its own (`PackedConnection`), packed here.
-
-    A call through the client (`Script.__call__`) takes a connection from the pool and gives it
-    back (a lock, observability hooks, a health check), and packs every argument generically:
-    215-257 -> 123-138 us of CPU a call of 16 keys side by side, and the ledger makes two calls
-    for every 16 handlers. A script Redis does not know (it restarted: it keeps no scripts) is
-    loaded and the call made once more.
-    """
-
-    def __init__(self, script: AsyncScript) -> None:
-        self.script = script
-        self._connection: PackedConnection | None = None  # made on first use
-        self._head = b"*%d\r\n$7\r\nEVALSHA\r\n"
-
-    async def __call__(self, keys: Sequence[str], *args: int) -> Any:
-        try:
-            return await self._call(keys, args)
-        except NoScriptError:
-            await self.script.registered_client.script_load(self.script.script)
-            return await self._call(keys, args)
-
-    async def _call(self, keys: Sequence[str], args: tuple[int, ...]) -> Any:
-        parts = [self._head % (3 + len(keys) + len(args)), bulk(self.script.sha.encode()), bulk(b"%d" % len(keys))]
-        parts += [bulk(key.encode()) for key in keys]
-        parts += [bulk(b"%d" % arg) for arg in args]
-        if self._connection is None:
-            self._connection = PackedConnection(cast(aioredis.Redis, self.script.registered_client))
-        (answer,) = await self._connection.exchange(b"".join(parts), 1)
-        return answer
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
 
 
 class Isolation:

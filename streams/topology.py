@@ -17,6 +17,7 @@ from faststream.rabbit import ExchangeType, QueueType, RabbitBroker, RabbitExcha
 from redis.exceptions import ResponseError
 
 from streams import names
+from streams.flows import FLOWS
 
 # The broker's own poison cap, a backstop behind the worker's crash ledger and its
 # PIPELINE_DELIVERY_LIMIT (which dead-letter with the whole story first). High, because the
@@ -30,8 +31,8 @@ DELAY_DELIVER = "delay.deliver"
 TASKS = RabbitExchange(names.TASKS_EXCHANGE, type=ExchangeType.DIRECT, durable=True)
 EVENTS = RabbitExchange(names.EVENTS_EXCHANGE, type=ExchangeType.TOPIC, durable=True)
 
-COMMAND_QUEUES = (names.EMAIL_QUEUE, names.COMPLETION_QUEUE)
-COMMAND_STREAMS = ((names.EMAIL_STREAM, names.EMAIL_GROUP), (names.COMPLETION_STREAM, names.COMPLETION_GROUP))
+COMMAND_QUEUES = tuple(flow.queue for flow in FLOWS)
+COMMAND_STREAMS = tuple((flow.stream, flow.group) for flow in FLOWS)
 
 
 def command_queue(name: str) -> RabbitQueue:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,48 +55,6 @@ class RecordingRedis:
 
     def pipeline(self, transaction: bool = True) -> RecordingTransaction:
         return RecordingTransaction(self)
-
-    def packed(self) -> RecordingPacked:
-        """Stands in for the outlet's own connection (`streams.resp.PackedConnection`)."""
-        return RecordingPacked(self)
-
-
-class RecordingPacked:
-    """Reads the RESP commands a `PackedConnection` would send; records XADDs as RecordingRedis does."""
-
-    def __init__(self, redis: RecordingRedis) -> None:
-        self.redis = redis
-
-    async def exchange(self, packed: bytes, replies: int) -> list[Any]:
-        commands = _resp_commands(packed)
-        assert len(commands) == replies, "one reply a command"
-        answers: list[Any] = []
-        for name, *args in commands:
-            assert name == b"XADD", f"only XADD is recorded, not {name!r}"
-            stream, _id, *pairs = args
-            answers.append(await self.redis.xadd(stream.decode(), dict(zip(pairs[::2], pairs[1::2], strict=True))))
-        return answers
-
-    async def close(self) -> None:
-        return None
-
-
-def _resp_commands(packed: bytes) -> list[list[bytes]]:
-    """RESP arrays of bulk strings, as redis-py packs commands."""
-    commands, at = [], 0
-    while at < len(packed):
-        end = packed.index(b"\r\n", at)
-        assert packed[at : at + 1] == b"*"
-        count, at = int(packed[at + 1 : end]), end + 2
-        args = []
-        for _ in range(count):
-            end = packed.index(b"\r\n", at)
-            assert packed[at : at + 1] == b"$"
-            size, at = int(packed[at + 1 : end]), end + 2
-            args.append(packed[at : at + size])
-            at += size + 2
-        commands.append(args)
-    return commands
 
 
 def _b(key: Any) -> Any:
@@ -166,16 +124,3 @@ class CountingLedger:
 
     async def handler_returned(self, env: Envelope) -> None:
         self.counts[env.message_id] -= 1
-
-    async def turn(self, ended: Sequence[str], started: Sequence[str]) -> None:
-        for key in ended:
-            self.counts[_message_id_of(key)] -= 1
-        for key in started:
-            mid = _message_id_of(key)
-            self.runs.append(mid)
-            self.counts[mid] = self.counts.get(mid, 0) + 1
-
-
-def _message_id_of(ledger_key: str) -> str:
-    """The message id in a `streams.suspects.ledger_key` (prefix:transport:source:id:attempt:replay)."""
-    return ledger_key.split(":", 4)[4].rsplit(":", 2)[0]

@@ -264,7 +264,6 @@ def app_session(runner: asyncio.Runner) -> Iterator[Session]:
         module.pipeline.breakers.clear()
         install(Adapters(mailer=mailer, model=EchoModel()))
         mp.setattr(module.redis_outlet, "client", fake_redis)
-        mp.setattr(module.redis_outlet, "_xadds", fake_redis.packed())
         mp.setattr(module.pipeline, "crashes", CountingLedger())
         for outlet in (module.rabbit_outlet, module.redis_outlet):
             original = outlet.dead_letter

@@ -106,7 +106,6 @@ async def harness(app_store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Asy
     install(Adapters(mailer=mailer, model=EchoModel()))
     fake_redis = RecordingRedis()
     monkeypatch.setattr(module.redis_outlet, "client", fake_redis)
-    monkeypatch.setattr(module.redis_outlet, "_xadds", fake_redis.packed())
     monkeypatch.setattr(module.pipeline, "crashes", CountingLedger())
     h = Harness(module=module, mailer=mailer, store=app_store, redis_client=fake_redis)
     for outlet in (module.rabbit_outlet, module.redis_outlet):

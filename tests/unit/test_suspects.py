@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import Sequence
 from typing import Any, cast
 
-import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.envelope import Envelope
-from streams.suspects import CrashLedger, Isolation, ledger_key, run_counted
+from streams.suspects import CrashLedger, Isolation, ledger_key
 
 
 async def test_suspect_waits_for_running_messages_and_runs_alone() -> None:
@@ -113,7 +110,6 @@ class DownRedis:
 async def test_an_unreachable_ledger_calls_nothing_poison_and_does_not_fail_the_message() -> None:
     """Redis down: the broker's count (which charges innocent neighbours) is not used; nothing raises."""
     ledger = CrashLedger(cast(Any, DownRedis()))
-    ledger._start_calls = ledger._end_calls = cast(Any, DownRedis().register_script(""))  # its own connections
     env = Envelope(transport="rabbit", source="email", message_id="m1", correlation_id="c1", body=b"{}", redeliveries=7)
     assert await ledger.crashes(env) == 0
     await ledger.handler_started(env)
@@ -154,151 +150,7 @@ async def test_a_decrement_refused_during_a_redis_restart_is_retried(monkeypatch
     monkeypatch.setattr(suspects, "RETRY_FIRST", 0.01)
     script = FlakyScript(failures=2)
     ledger = CrashLedger(cast(Any, RestartingRedis(script)))
-    ledger._end_calls = cast(Any, DownRedis().register_script(""))  # the ledger's own connection: refused
     env = Envelope(transport="redis", source="email", message_id="m1", correlation_id="c1", body=b"{}")
     await ledger.handler_returned(env)  # does not raise
     await asyncio.wait_for(script.landed.wait(), 5)
     assert script.calls == 3, "two refusals, then the decrement landed"
-
-
-# --- run_counted: the handlers of a batch, each counted while it runs --------------------------------
-
-
-class TurnLedger:
-    """A ledger in memory that records its turns and checks what a crash would charge."""
-
-    def __init__(self, at_once: int) -> None:
-        self.at_once = at_once
-        self.counts: dict[str, int] = {}
-        self.turns: list[tuple[list[str], list[str]]] = []
-
-    async def turn(self, ended: Sequence[str], started: Sequence[str]) -> None:
-        await asyncio.sleep(0)  # a round trip
-        self.turns.append((list(ended), list(started)))
-        for key in ended:
-            self.counts[key] -= 1
-        for key in started:
-            self.counts[key] = self.counts.get(key, 0) + 1
-        assert sum(self.counts.values()) <= self.at_once, "a crash now would charge more than at_once runs"
-
-    @property
-    def counted(self) -> set[str]:
-        return {key for key, n in self.counts.items() if n}
-
-
-async def test_each_run_is_counted_while_it_runs_and_results_come_back_in_order() -> None:
-    ledger = TurnLedger(at_once=4)
-    seen_counted: list[bool] = []
-
-    async def run(i: int) -> int:
-        seen_counted.append(ledger.counts.get(f"k{i}") == 1)
-        for _ in range(i % 3):  # runs of different lengths
-            await asyncio.sleep(0)
-        if i % 7 == 0:
-            raise ValueError(f"bad {i}")
-        return i * 10
-
-    runs = [(f"k{i}", functools.partial(run, i)) for i in range(30)]
-    results = await run_counted(cast(Any, ledger), runs, 4)
-    assert len(seen_counted) == 30
-    assert all(seen_counted), "every run was counted when it started"
-    for i, result in enumerate(results):
-        if i % 7 == 0:
-            assert isinstance(result, ValueError)
-            assert str(result) == f"bad {i}"
-        else:
-            assert result == i * 10
-    assert ledger.counted == set(), "every run counted down before run_counted returned"
-    assert len(ledger.turns) < 30, "turns shared between runs"
-
-
-async def test_runs_that_arrive_together_start_after_one_call_and_end_in_one() -> None:
-    ledger = TurnLedger(at_once=16)
-
-    async def run() -> str:
-        return "ok"
-
-    results = await run_counted(cast(Any, ledger), [(f"k{i}", run) for i in range(16)], 16)
-    assert results == ["ok"] * 16
-    assert [(len(e), len(s)) for e, s in ledger.turns] == [(0, 16), (16, 0)]
-
-
-async def test_a_slow_run_holds_up_no_other() -> None:
-    ledger = TurnLedger(at_once=2)
-    release = asyncio.Event()
-    done: list[int] = []
-
-    async def run(i: int) -> int:
-        if i == 0:
-            await release.wait()
-        done.append(i)
-        return i
-
-    runner = asyncio.create_task(
-        run_counted(cast(Any, ledger), [(f"k{i}", functools.partial(run, i)) for i in range(6)], 2)
-    )
-    for _ in range(10_000):  # turns of the loop, not time: each run and turn takes a few
-        if len(done) == 5 and len(ledger.turns) == 6:
-            break
-        await asyncio.sleep(0)
-    assert done == [1, 2, 3, 4, 5], "the others ran through the second place"
-    assert ledger.counted == {"k0"}, "and were counted down while the slow one runs"
-    release.set()
-    assert await runner == [0, 1, 2, 3, 4, 5]
-    assert ledger.counted == set()
-
-
-async def test_a_cancelled_batch_stops_its_runs_and_counts_them_down() -> None:
-    ledger = TurnLedger(at_once=3)
-    started = asyncio.Event()
-    cancelled: list[int] = []
-
-    async def run(i: int) -> None:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.append(i)
-            raise
-
-    runner = asyncio.create_task(
-        run_counted(cast(Any, ledger), [(f"k{i}", functools.partial(run, i)) for i in range(5)], 3)
-    )
-    await asyncio.wait_for(started.wait(), 5)
-    await asyncio.sleep(0)
-    assert ledger.counted == {"k0", "k1", "k2"}
-    runner.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await runner
-    assert sorted(cancelled) == [0, 1, 2], "the running ones were stopped, the rest never started"
-    assert ledger.counted == set(), "and counted down"
-
-
-async def test_without_a_ledger_the_runs_still_run_at_most_n_at_once() -> None:
-    running = 0
-    most = 0
-
-    async def run(i: int) -> int:
-        nonlocal running, most
-        running += 1
-        most = max(most, running)
-        await asyncio.sleep(0)
-        running -= 1
-        return i
-
-    assert await run_counted(None, [(f"k{i}", functools.partial(run, i)) for i in range(20)], 5) == list(range(20))
-    assert most == 5
-
-
-async def test_a_turn_refused_while_redis_restarts_starts_the_runs_uncounted_and_retries_the_count_down(
-    monkeypatch: Any,
-) -> None:
-    import streams.suspects as suspects
-
-    monkeypatch.setattr(suspects, "RETRY_FIRST", 0.01)
-    script = FlakyScript(failures=0)
-    ledger = CrashLedger(cast(Any, RestartingRedis(script)))
-    ledger._turn_calls = cast(Any, DownRedis().register_script(""))  # the ledger's own connection: refused
-    await ledger.turn(["k-ended"], ["k-starting"])  # does not raise
-    await asyncio.wait_for(script.landed.wait(), 5)
-    assert script.calls == 1, "the count-down of the run that ended landed once Redis answered"
