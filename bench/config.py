@@ -14,10 +14,12 @@ ALL_CONTENDERS: tuple[str, ...] = (
     "rabbit-aiopika",
     "rabbit-faststream",
     "rabbit-dramatiq",
+    "rabbit-handrolled",
     "rabbit-pipeline-sqlite",
     "rabbit-pipeline-postgres",
     "redis-raw",
     "redis-faststream",
+    "redis-handrolled",
     "redis-pipeline-sqlite",
 )
 
@@ -57,9 +59,12 @@ class BenchConfig:
     # A maintenance connection: fresh `bench_<hex>` databases are created and dropped through it.
     postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     loop: str = "auto"  # auto (uvloop when installed, as `faststream run` does) | asyncio | uvloop
-    prefetch: int = 64  # RabbitMQ prefetch of (a) and (b); the pipeline's own default is also 64
-    redis_count: int = 100  # XREADGROUP COUNT of (e) and max_records of (f)
+    prefetch: int = 64  # RabbitMQ prefetch of (a), (b) and (h)
+    redis_count: int = 100  # XREADGROUP COUNT of (e), max_records of (f) and (i)
     dramatiq_threads: int = 8
+    # SQLite of the hand-rolled contenders (h), (i): `wal` (the pipeline's journal_mode=WAL,
+    # synchronous=NORMAL) or `default` (SQLite's rollback journal, synchronous=FULL).
+    handrolled_sqlite: str = "wal"
     queue_type: str = "quorum"  # of the bare contenders' queues, like the pipeline's command queue
     latency_seconds: float = 10.0  # publish at half the measured max rate for this long (0: skip)
     latency_warmup: float = 1.0  # seconds of the latency phase left out of the percentiles
@@ -101,6 +106,7 @@ class BenchConfig:
             prefetch=_int("BENCH_PREFETCH", d.prefetch),
             redis_count=_int("BENCH_REDIS_COUNT", d.redis_count),
             dramatiq_threads=_int("BENCH_DRAMATIQ_THREADS", d.dramatiq_threads),
+            handrolled_sqlite=_str("BENCH_HANDROLLED_SQLITE", d.handrolled_sqlite),
             queue_type=_str("BENCH_QUEUE_TYPE", d.queue_type),
             latency_seconds=_float("BENCH_LATENCY_SECONDS", d.latency_seconds),
             latency_warmup=_float("BENCH_LATENCY_WARMUP", d.latency_warmup),
@@ -131,5 +137,7 @@ class BenchConfig:
             raise ValueError("BENCH_N must be at least 2 (a drain rate needs a first and a last message)")
         if self.rounds < 1:
             raise ValueError("BENCH_ROUNDS must be at least 1")
+        if self.handrolled_sqlite not in ("wal", "default"):
+            raise ValueError("BENCH_HANDROLLED_SQLITE must be wal or default")
         if self.loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError("BENCH_LOOP must be auto, asyncio or uvloop")

@@ -76,6 +76,12 @@ CONTENDERS: dict[str, ContenderInfo] = {
         ContenderInfo("rabbit-faststream", "(b) bare FastStream", "RabbitMQ", "consume + validate + ack"),
         ContenderInfo("rabbit-dramatiq", "(c) Dramatiq, 8 threads", "RabbitMQ", "consume + validate + ack"),
         ContenderInfo(
+            "rabbit-handrolled",
+            "(h) hand-rolled FastStream + SQLAlchemy",
+            "RabbitMQ",
+            "validate, one transaction (inbox, event, outbox), confirmed outcome publish, outbox marked, ack",
+        ),
+        ContenderInfo(
             "rabbit-pipeline-sqlite",
             "(d) pipeline, SQLite",
             "RabbitMQ",
@@ -89,6 +95,12 @@ CONTENDERS: dict[str, ContenderInfo] = {
         ),
         ContenderInfo("redis-raw", "(e) redis-py XREADGROUP loop", "Redis", "consume + validate, one XACK per batch"),
         ContenderInfo("redis-faststream", "(f) bare FastStream stream", "Redis", "consume + validate + XACK each"),
+        ContenderInfo(
+            "redis-handrolled",
+            "(i) hand-rolled FastStream + SQLAlchemy",
+            "Redis",
+            "validate, one transaction (inbox, event, outbox), outcome XADD, outbox marked, XACK",
+        ),
         ContenderInfo(
             "redis-pipeline-sqlite",
             "(g) pipeline, SQLite",

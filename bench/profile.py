@@ -45,9 +45,8 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
 )
 # Pipeline steps: a sample counts for a step when the step's frame is anywhere in its stack.
 STEPS: tuple[tuple[str, str], ...] = (
-    ("RabbitLane._work", "RabbitMQ lane: a batch of deliveries"),
-    ("RedisLane._work", "Redis lane: a batch of entries"),
-    ("decode (streams/lanes.py", "decode + validate (SendEmail)"),
+    ("consume (faststream/_internal/endpoint/subscriber/usecase.py", "FastStream subscriber: one call (consume)"),
+    ("decode_message (faststream/", "decode the body (FastStream decode_message)"),
     ("Pipeline.run_batch", "Pipeline.run_batch (inbox, ledger, handlers, commit)"),
     ("CrashLedger", "crash ledger (Redis scripts)"),
     ("PipelineMiddleware.consume_scope", "pipeline middleware (FastStream path)"),

@@ -24,11 +24,15 @@ METRICS = (
 )
 
 
-RATIOS = (
-    ("rabbit-pipeline-sqlite", "rabbit-faststream", "RabbitMQ: pipeline (SQLite) / bare FastStream"),
-    ("rabbit-pipeline-sqlite", "rabbit-dramatiq", "RabbitMQ: pipeline (SQLite) / Dramatiq"),
-    ("redis-pipeline-sqlite", "redis-faststream", "Redis: pipeline (SQLite) / bare FastStream stream"),
+# Issue 18's ratios of median drain rates: (top, bottom, name, goal); a NaN goal is informational.
+RATIOS: tuple[tuple[str, str, str, float], ...] = (
+    ("rabbit-pipeline-sqlite", "rabbit-faststream", "RabbitMQ: pipeline (SQLite) / bare FastStream", 0.5),
+    ("rabbit-pipeline-sqlite", "rabbit-handrolled", "RabbitMQ: pipeline (SQLite) / hand-rolled", 10.0),
+    ("redis-pipeline-sqlite", "redis-faststream", "Redis: pipeline (SQLite) / bare FastStream stream", 2.0),
+    ("redis-pipeline-sqlite", "redis-handrolled", "Redis: pipeline (SQLite) / hand-rolled", 10.0),
+    ("rabbit-pipeline-sqlite", "rabbit-dramatiq", "RabbitMQ: pipeline (SQLite) / Dramatiq", math.nan),
 )
+MIN_ROUNDS = 3  # issue 18: ratios of medians of at least this many interleaved rounds
 
 
 def summaries(samples: Sequence[Sample]) -> dict[str, dict[str, stats.Summary]]:
@@ -44,7 +48,7 @@ def summaries(samples: Sequence[Sample]) -> dict[str, dict[str, stats.Summary]]:
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 6 and what the run measured."""
+    """One target of issue 18 and what the run measured (a NaN goal: shown, no target)."""
 
     name: str
     measured: float
@@ -55,8 +59,8 @@ class Target:
 
     @property
     def holds(self) -> bool | None:
-        """True or False; None when it could not be measured."""
-        if math.isnan(self.measured):
+        """True or False; None when it could not be measured or has no goal."""
+        if math.isnan(self.measured) or math.isnan(self.goal):
             return None
         return self.measured >= self.goal if self.higher_is_better else self.measured <= self.goal
 
@@ -71,14 +75,16 @@ def _paired_ratios(samples: Sequence[Sample], top: str, bottom: str) -> tuple[fl
 
 
 def targets(samples: Sequence[Sample]) -> list[Target]:
-    """Issue 6's targets, from the medians of this run."""
+    """Issue 18's targets, from the medians of this run (a target whose contenders did not run: `-`)."""
     summary = summaries(samples)
 
     def med(key: str, metric: str) -> float:
         return summary[key][metric].median if key in summary else math.nan
 
     found: list[Target] = []
-    for (top, bottom, name), goal in zip(RATIOS, (1.0, 1.5, 3.0), strict=True):
+    for top, bottom, name, goal in RATIOS:
+        if math.isnan(goal) and (top not in summary or bottom not in summary):
+            continue  # an informational ratio: only when both ran
         found.append(
             Target(
                 name,
@@ -104,7 +110,7 @@ def cpu_ratios(samples: Sequence[Sample]) -> list[tuple[str, float]]:
     """Pipeline vs bare, from the medians of CPU per message (bottom cost / top cost)."""
     summary = summaries(samples)
     found = []
-    for top, bottom, name in RATIOS:
+    for top, bottom, name, _goal in RATIOS:
         if top in summary and bottom in summary:
             found.append(
                 (name, stats.ratio(summary[bottom]["cpu_us_per_msg"].median, summary[top]["cpu_us_per_msg"].median))
@@ -197,7 +203,7 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
             "",
             "Latency phase, the worker(s) at the fixed rate (medians): how busy, and the CPU per outcome when "
             "batches are small. Echo consumer: the same rate, the same harness, with an echo consumer in the "
-            "worker's place (`bench/contenders/rabbit_echo.py`: a batch's `email.sent` in one write, confirms "
+            "worker's place (`bench/contenders/rabbit_echo.py`: a batch's `email.sent` published with aiormq, confirms "
             "awaited together, one ack with multiple; no validation, store or outbox): what RabbitMQ and this "
             "machine cost alone.",
             "",
@@ -224,15 +230,27 @@ def render_markdown(samples: Sequence[Sample], meta: dict[str, Any]) -> str:
                 f"| {_num(med('p50_ms'), 1)} / {_num(med('p99_ms'), 1)} | {echo} |"
             )
     errors = [s for s in samples if s.error is not None]
+    rounds_run = max((s.round for s in samples), default=0)
     lines += [
         "",
-        "## Targets (issue 6)",
+        "## Targets (issue 18)",
+        "",
+        "Ratios of median drain rates, side by side in the same interleaved rounds (per round: the ratio "
+        "within each round).",
+    ]
+    if rounds_run < MIN_ROUNDS:
+        lines += [
+            "",
+            f"**{rounds_run} round(s) only**: the targets are judged on medians of at least {MIN_ROUNDS} "
+            "interleaved rounds; this run is a trial.",
+        ]
+    lines += [
         "",
         "| target | goal | measured (medians) | per round | holds |",
         "|---|---:|---:|---|:-:|",
     ]
     for t in targets(samples):
-        goal = f"{'>=' if t.higher_is_better else '<='} {t.goal:g} {t.unit}"
+        goal = "-" if math.isnan(t.goal) else f"{'>=' if t.higher_is_better else '<='} {t.goal:g} {t.unit}"
         digits = 2 if t.unit == "x" else 1
         rounds = ", ".join(_num(r, 2) for r in t.per_round) if t.per_round else ""
         holds = {True: "yes", False: "**no**", None: "-"}[t.holds]
@@ -270,7 +288,7 @@ def to_json(samples: Sequence[Sample], meta: dict[str, Any]) -> dict[str, Any]:
         "targets": [
             {
                 "name": t.name,
-                "goal": t.goal,
+                "goal": _clean_float(t.goal),
                 "unit": t.unit,
                 "higher_is_better": t.higher_is_better,
                 "measured": _clean_float(t.measured),
@@ -311,10 +329,9 @@ def render_chart(samples: Sequence[Sample], meta: dict[str, Any], path: Path) ->
     summary = summaries(samples)
     keys = [k for k in summary if summary[k]["drain_rate"].count]
     labels = [CONTENDERS[k].label if k in CONTENDERS else k for k in keys]
+    shades = {"rabbit": ("#d9822b", "#a0522d", "#f0b27a"), "redis": ("#2b6cb0", "#1a3f6b", "#90b4e0")}
     colors = [
-        ("#d9822b" if "pipeline" in k else "#f0b27a")
-        if k.startswith("rabbit")
-        else ("#2b6cb0" if "pipeline" in k else "#90b4e0")
+        shades["rabbit" if k.startswith("rabbit") else "redis"][0 if "pipeline" in k else 1 if "handrolled" in k else 2]
         for k in keys
     ]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.55 * len(keys) + 2.2), sharey=True)
@@ -336,7 +353,8 @@ def render_chart(samples: Sequence[Sample], meta: dict[str, Any], path: Path) ->
     axes[0].invert_yaxis()  # shared: once for both
     fig.suptitle(
         f"N={meta.get('n')} preloaded SendEmail, {meta.get('rounds')} rounds (median, min–max), "
-        f"loop {meta.get('loop')}, {meta.get('cpus')} CPUs — orange RabbitMQ, blue Redis, dark = pipeline",
+        f"loop {meta.get('loop')}, {meta.get('cpus')} CPUs — orange RabbitMQ, blue Redis, "
+        "medium = pipeline, darkest = hand-rolled",
         fontsize=10,
     )
     fig.tight_layout()

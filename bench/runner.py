@@ -22,17 +22,21 @@ import redis.asyncio as aioredis
 
 from bench import loops, pipeline, procstat, report, workload
 from bench.config import ROOT, BenchConfig
-from bench.contenders import meter
+from bench.contenders import handrolled, meter
 from bench.model import Sample
 
 BARE: dict[str, tuple[str, str, str]] = {
-    # key: (module, broker, queue or stream)
+    # The contenders that time themselves in-process (bench/contenders/meter.py): the bare ones and
+    # the hand-rolled ones. key: (module, broker, queue or stream)
     "rabbit-aiopika": ("bench.contenders.rabbit_aiopika", "rabbit", "bench.aiopika"),
     "rabbit-faststream": ("bench.contenders.rabbit_faststream", "rabbit", "bench.faststream"),
     "rabbit-dramatiq": ("bench.contenders.rabbit_dramatiq", "rabbit", "bench_dramatiq"),
+    "rabbit-handrolled": ("bench.contenders.rabbit_handrolled", "rabbit", "bench.handrolled"),
     "redis-raw": ("bench.contenders.redis_raw", "redis", "bench.raw"),
     "redis-faststream": ("bench.contenders.redis_faststream", "redis", "bench.faststream"),
+    "redis-handrolled": ("bench.contenders.redis_handrolled", "redis", "bench.handrolled"),
 }
+HANDROLLED = ("rabbit-handrolled", "redis-handrolled")
 PIPELINES: dict[str, tuple[str, str]] = {
     "rabbit-pipeline-sqlite": ("rabbit", "sqlite"),
     "rabbit-pipeline-postgres": ("rabbit", "postgres"),
@@ -82,12 +86,50 @@ async def preload_bare(key: str, cfg: BenchConfig, rabbit_url: str, n: int) -> N
         await workload.wait_depth(rabbit_url, name, n)
     elif broker == "rabbit":
         await workload.preload_rabbit_queue(rabbit_url, name, n, cfg.queue_type)
+        if key in HANDROLLED:
+            await reset_handrolled_outcomes(rabbit_url)
     else:
         client = aioredis.from_url(cfg.redis_url)
         try:
             await workload.reset_redis_stream(client, name, GROUP, n)
+            if key in HANDROLLED:
+                await client.delete(handrolled.REDIS_STREAM)
         finally:
             await client.aclose()
+
+
+async def reset_handrolled_outcomes(rabbit_url: str) -> None:
+    """The hand-rolled contender's outcome exchange, and an empty queue bound to it to count them by."""
+    conn = await aio_pika.connect(rabbit_url)
+    try:
+        channel = await conn.channel()
+        exchange = await channel.declare_exchange(handrolled.RABBIT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(handrolled.RABBIT_OUTCOMES, durable=False, auto_delete=False)
+        await queue.bind(exchange, routing_key=handrolled.EMAIL_SENT)
+        await queue.purge()
+    finally:
+        await conn.close()
+
+
+async def handrolled_outcomes(key: str, cfg: BenchConfig, rabbit_url: str) -> int:
+    """How many outcomes the hand-rolled contender published in its run (then dropped)."""
+    if key == "rabbit-handrolled":
+        conn = await aio_pika.connect(rabbit_url)
+        try:
+            channel = await conn.channel()
+            queue = await channel.declare_queue(handrolled.RABBIT_OUTCOMES, passive=True)
+            ready = int(queue.declaration_result.message_count or 0)
+            await queue.purge()
+        finally:
+            await conn.close()
+        return ready
+    client = aioredis.from_url(cfg.redis_url)
+    try:
+        length = int(await client.xlen(handrolled.REDIS_STREAM))
+        await client.delete(handrolled.REDIS_STREAM)
+    finally:
+        await client.aclose()
+    return length
 
 
 async def run_bare(key: str, cfg: BenchConfig, rabbit_url: str, round_no: int, scratch: Path, n: int) -> Sample:
@@ -121,6 +163,8 @@ async def run_bare(key: str, cfg: BenchConfig, rabbit_url: str, round_no: int, s
         cfg.queue_type,
         "--max-seconds",
         str(cfg.max_drain_seconds),
+        "--sqlite",
+        cfg.handrolled_sqlite,
     ]
     log_path = scratch / f"{key}-{round_no}.log"
     with log_path.open("wb") as log_file:
@@ -137,6 +181,16 @@ async def run_bare(key: str, cfg: BenchConfig, rabbit_url: str, round_no: int, s
     m = meter.read(out)
     seconds = m.t_last - m.t_first
     intervals = m.handled - 1
+    details: dict[str, Any] = {
+        "invalid": m.invalid,
+        "cpu_from_start_us_per_msg": (m.cpu_last - m.cpu_start) / m.handled * 1e6,
+    }
+    if key in HANDROLLED:
+        outcomes = await handrolled_outcomes(key, cfg, rabbit_url)
+        if outcomes < m.handled:
+            raise RuntimeError(f"{key} handled {m.handled} messages but published {outcomes} outcomes")
+        details["outcomes"] = outcomes
+        details["sqlite"] = cfg.handrolled_sqlite
     return Sample(
         contender=key,
         round=round_no,
@@ -147,10 +201,7 @@ async def run_bare(key: str, cfg: BenchConfig, rabbit_url: str, round_no: int, s
         seconds=seconds,
         handled=m.handled,
         machine_busy=m.machine_busy,
-        details={
-            "invalid": m.invalid,
-            "cpu_from_start_us_per_msg": (m.cpu_last - m.cpu_start) / m.handled * 1e6,
-        },
+        details=details,
     )
 
 
@@ -287,6 +338,7 @@ async def describe_run(cfg: BenchConfig, rabbit_url: str, seconds: float) -> dic
         "redis_count": cfg.redis_count,
         "queue_type": cfg.queue_type,
         "dramatiq_threads": cfg.dramatiq_threads,
+        "handrolled_sqlite": cfg.handrolled_sqlite,
         "dramatiq_middleware": locals().get("dramatiq_middleware", []),
         "latency_seconds": cfg.latency_seconds,
         "max_drain_seconds": cfg.max_drain_seconds,
@@ -314,6 +366,16 @@ def notes(cfg: BenchConfig) -> list[str]:
         f"{cfg.redis_count} entries per XREADGROUP; the pipeline uses its own defaults.",
         "Every run is its own process on the same event loop; the worker is `faststream run streams.app:app` "
         "with PIPELINE_MAILER=log and PIPELINE_LOG_LEVEL=WARNING, a fresh SQLite file or PostgreSQL database.",
+        "Hand-rolled (h), (i): a FastStream subscriber (as (b), (f)) whose handler does the pipeline's job one "
+        "message at a time: one SQLAlchemy AsyncSession transaction on a fresh SQLite file (inbox check, event "
+        "row, outbox row), the `email.sent` outcome through a FastStream publisher (persistent; on RabbitMQ "
+        "awaited until confirmed), the outbox row marked in a second transaction. Timed in-process like the bare "
+        "contenders, up to the last outbox mark. SQLite: "
+        + (
+            "journal_mode=WAL, synchronous=NORMAL (the pipeline's own settings)."
+            if cfg.handrolled_sqlite == "wal"
+            else "SQLite's defaults (rollback journal, synchronous=FULL)."
+        ),
     ]
 
 

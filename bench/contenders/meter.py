@@ -120,4 +120,5 @@ def arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=8, help="Dramatiq worker threads")
     parser.add_argument("--queue-type", default="quorum")
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop this long after the first message")
+    parser.add_argument("--sqlite", default="wal", help="hand-rolled contenders: SQLite settings, wal | default")
     return parser

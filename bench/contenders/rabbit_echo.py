@@ -1,10 +1,10 @@
 """What the broker and this machine cost alone: an echo consumer doing none of the pipeline's work.
 
 It reads the pipeline's quorum queue `email` (prefetch as the pipeline's) and talks to the
-broker as the pipeline's lane does: what arrived together is one batch, whose `email.sent`
-outcomes (each carrying its command's message id) go out on `events` in one write
-(`streams.amqp.publish_confirmed`), whose confirms are awaited together, and which is then
-acknowledged with one `basic.ack(multiple=True)`; the next batch is what arrived meanwhile.
+broker with aiormq's public API as a batching worker does: what arrived together is one batch,
+whose `email.sent` outcomes (each carrying its command's message id) go out on `events` with
+`basic_publish`, their confirms awaited together, and which is then acknowledged with one
+`basic.ack(multiple=True)`; the next batch is what arrived meanwhile.
 No validation, store or outbox. Timed by the same harness at the same rate as the pipeline, its
 latency is what the broker and this machine cost by themselves.
 """
@@ -21,17 +21,16 @@ from pamqp import commands as spec
 from pamqp.common import FieldTable
 
 from bench import loops
-from streams.amqp import publish_confirmed
 
 QUEUE = "email"
 EVENTS = "events"
 EMAIL_SENT = "email.sent"
 
 
-def _outcome(command: DeliveredMessage) -> tuple[str, bytes, spec.Basic.Properties]:
+async def _publish_outcome(channel: aiormq.Channel, command: DeliveredMessage) -> None:
     headers: FieldTable = {"message-id": command.header.properties.message_id or ""}
     properties = spec.Basic.Properties(headers=headers, delivery_mode=2)
-    return EMAIL_SENT, b"{}", properties
+    await channel.basic_publish(b"{}", exchange=EVENTS, routing_key=EMAIL_SENT, properties=properties)
 
 
 async def serve(url: str, prefetch: int) -> None:
@@ -50,7 +49,7 @@ async def serve(url: str, prefetch: int) -> None:
                 while pending:
                     batch = pending[:]
                     del pending[:]
-                    await publish_confirmed(send, EVENTS, [_outcome(m) for m in batch])
+                    await asyncio.gather(*(_publish_outcome(send, m) for m in batch))
                     assert batch[-1].delivery_tag is not None
                     await receive.basic_ack(batch[-1].delivery_tag, multiple=True)
             finally:
