@@ -95,7 +95,7 @@ pipeline.attach(redis_outlet)
 rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet))
 redis.add_middleware(make_middleware(pipeline, redis_outlet))
 
-subscribers = register(rabbit, redis, pipeline, settings, consumer=CONSUMER)
+subscribers = register(rabbit, redis, pipeline, settings, publishers, consumer=CONSUMER)
 # In-flight handlers get the graceful timeout, the outbox flush half of it; then connections close.
 watchdog = ShutdownWatchdog(deadline=2 * settings.graceful_timeout + 10)
 

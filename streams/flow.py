@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from schemas import Command, Event, FailureKind, MessageContext
+from schemas import Event, FailureKind, MessageContext
+from schemas.base import Message
 
-C = TypeVar("C", bound=Command)
+C = TypeVar("C", bound=Message)  # a command model
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Flow(Generic[C]):
     group: str  # Redis consumer group
     stream_id: Callable[[C, MessageContext], str]  # the event-store stream its events go to
     failed: Callable[[C, MessageContext, FailureKind, str], Event]  # its `*.failed` event
+    outcomes: tuple[type[Event], ...]  # the events it publishes on `events` (success and failure)
     description: str = ""
     # An event recorded (not published) when the command first arrives, before the handler runs.
     requested: Callable[[C, MessageContext], Event] | None = None

@@ -15,7 +15,9 @@ from handlers import completion, email
 from schemas import (
     CompletionFailed,
     CompletionRequested,
+    CompletionSucceeded,
     EmailFailed,
+    EmailSent,
     Event,
     FailureKind,
     MessageContext,
@@ -59,6 +61,7 @@ EMAIL: Flow[SendEmail] = Flow(
     group=names.EMAIL_GROUP,
     stream_id=lambda cmd, ctx: f"email-{ctx.message_id}",
     failed=_email_failed,
+    outcomes=(EmailSent, EmailFailed),
     description="Send an e-mail; answers `email.sent` or `email.failed`.",
 )
 COMPLETION: Flow[RequestCompletion] = Flow(
@@ -72,6 +75,7 @@ COMPLETION: Flow[RequestCompletion] = Flow(
     group=names.COMPLETION_GROUP,
     stream_id=lambda cmd, ctx: f"completion-{cmd.task_id}",
     failed=_completion_failed,
+    outcomes=(CompletionSucceeded, CompletionFailed),
     description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
     requested=lambda cmd, ctx: CompletionRequested(
         message_id=ctx.message_id, correlation_id=ctx.correlation_id, task_id=cmd.task_id, model=cmd.model

@@ -11,7 +11,8 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
-from schemas import Command, Event, FailureKind, MessageDeadLettered, RetryScheduled
+from schemas import Event, FailureKind, MessageDeadLettered, RetryScheduled
+from schemas.base import Message
 from streams import faults, metrics, names, topology
 from streams.alerts import Alerter
 from streams.breaker import Breaker
@@ -28,7 +29,7 @@ from streams.suspects import CrashLedger, Isolation
 
 log = get_logger("pipeline")
 
-C = TypeVar("C", bound=Command)
+C = TypeVar("C", bound=Message)  # a command model
 
 
 class Admission(Enum):
@@ -50,8 +51,8 @@ class Delivery:
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
-        self.command: Command | None = None
-        self.flow: Flow[Command] | None = None
+        self.command: Message | None = None
+        self.flow: Flow[Any] | None = None
 
 
 class Pipeline:
@@ -153,7 +154,7 @@ class Pipeline:
     async def run(self, delivery: Delivery, flow: Flow[C], cmd: C, handle: Callable[[], Awaitable[Event]]) -> None:
         """Run the handler of a decoded command once, and commit its outcome with the inbox entry."""
         delivery.command = cmd
-        delivery.flow = flow  # type: ignore[assignment]  # Flow is invariant; C is a Command
+        delivery.flow = flow
         env = delivery.envelope
         ctx = env.context
         stream_id = flow.stream_id(cmd, ctx)

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from faststream.rabbit import RabbitBroker
 from faststream.rabbit.publisher.usecase import RabbitPublisher
 from faststream.redis import RedisBroker
 from faststream.redis.publisher.usecase import StreamPublisher as RedisPublisher
 
-from schemas import (
-    CompletionFailed,
-    CompletionSucceeded,
-    EmailFailed,
-    EmailSent,
-    Event,
-    MessageDeadLettered,
-    OutcomeEvent,
-)
+from schemas import Event, MessageDeadLettered, OutcomeEvent
 from streams import names, topology
-
-EVENT_TYPES: tuple[type[Event], ...] = (
-    EmailSent,
-    EmailFailed,
-    CompletionSucceeded,
-    CompletionFailed,
-    MessageDeadLettered,
-)
-
+from streams.flow import Flow
 
 DEAD_LETTER_DOC = (
     "Dead letters of `{source}`: the original body, untouched, with headers x-failure-kind "
@@ -59,9 +45,9 @@ class Publishers:
     rabbit_delay: RabbitPublisher
 
 
-def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
-    """Outcome events per type and dead-letter channels per source, on both brokers."""
-    rabbit_events = {
+def declare_event_publishers(rabbit: RabbitBroker, events: Iterable[type[Event]]) -> dict[str, RabbitPublisher]:
+    """One RabbitMQ publisher an event type, on topic exchange `events` under its type."""
+    return {
         cls.TYPE: rabbit.publisher(
             exchange=topology.EVENTS,
             routing_key=cls.TYPE,
@@ -70,41 +56,48 @@ def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
             description=cls.__doc__,
             schema=cls,
         )
-        for cls in EVENT_TYPES
+        for cls in events
     }
-    redis_events = redis.publisher(
-        stream=names.EVENTS_STREAM,
-        title="events:redis",
-        description="Every outcome event; header `event-type` names it.",
-        schema=OutcomeEvent,
-    )
-    rabbit_dead_letters = {
-        name: rabbit.publisher(
-            queue=topology.dead_letter_queue(name),
-            persist=True,
-            title=f"{names.dlq(name)}:dead-letter",
-            description=DEAD_LETTER_DOC.format(source=name),
-            schema=bytes,
-        )
-        for name in topology.COMMAND_QUEUES
-    }
-    # Redis dead letters are written with XADD (the entry's fields verbatim plus the failure
-    # fields); these publishers document the channels.
-    redis_dead_letters = {
-        stream: redis.publisher(
-            stream=names.dlq(stream),
-            title=f"{names.dlq(stream)}:dead-letter:redis",
-            description=DEAD_LETTER_DOC.format(source=stream)
-            + " The entry keeps the original fields verbatim; the headers are extra fields.",
-            schema=bytes,
-        )
-        for stream, _ in topology.COMMAND_STREAMS
-    }
-    rabbit_delay = rabbit.publisher(
-        exchange=topology.delay_exchange(topology.DELAY_LEVELS - 1),
+
+
+def declare_flow_publishers(rabbit: RabbitBroker, redis: RedisBroker, flow: Flow[Any], publishers: Publishers) -> None:
+    """A flow's outcome events and its dead-letter channels, on both brokers, added to `publishers`."""
+    publishers.rabbit_events.update(declare_event_publishers(rabbit, flow.outcomes))
+    publishers.rabbit_dead_letters[flow.queue] = rabbit.publisher(
+        queue=topology.dead_letter_queue(flow.queue),
         persist=True,
-        title="delay:retry",
-        description=RETRY_DOC,
+        title=f"{names.dlq(flow.queue)}:dead-letter",
+        description=DEAD_LETTER_DOC.format(source=flow.queue),
         schema=bytes,
     )
-    return Publishers(rabbit_events, rabbit_dead_letters, redis_events, redis_dead_letters, rabbit_delay)
+    # Redis dead letters are written with XADD (the entry's fields verbatim plus the failure
+    # fields); this publisher documents the channel.
+    publishers.redis_dead_letters[flow.stream] = redis.publisher(
+        stream=names.dlq(flow.stream),
+        title=f"{names.dlq(flow.stream)}:dead-letter:redis",
+        description=DEAD_LETTER_DOC.format(source=flow.stream)
+        + " The entry keeps the original fields verbatim; the headers are extra fields.",
+        schema=bytes,
+    )
+
+
+def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
+    """The publishers every flow shares; `declare_flow_publishers` adds each flow's own."""
+    return Publishers(
+        rabbit_events=declare_event_publishers(rabbit, [MessageDeadLettered]),
+        rabbit_dead_letters={},
+        redis_events=redis.publisher(
+            stream=names.EVENTS_STREAM,
+            title="events:redis",
+            description="Every outcome event; header `event-type` names it.",
+            schema=OutcomeEvent,
+        ),
+        redis_dead_letters={},
+        rabbit_delay=rabbit.publisher(
+            exchange=topology.delay_exchange(topology.DELAY_LEVELS - 1),
+            persist=True,
+            title="delay:retry",
+            description=RETRY_DOC,
+            schema=bytes,
+        ),
+    )

@@ -20,6 +20,7 @@ from streams.flow import Flow
 from streams.flows import FLOWS
 from streams.middleware import Route, current_delivery, routed_parser
 from streams.pipeline import Pipeline
+from streams.publishers import Publishers, declare_flow_publishers
 from streams.settings import Settings
 
 
@@ -47,14 +48,17 @@ def register(
     redis: RedisBroker,
     pipeline: Pipeline,
     settings: Settings,
+    publishers: Publishers,
     *,
     consumer: str,
     flows: Iterable[Flow[Any]] = FLOWS,
 ) -> dict[str, Any]:
-    """Subscribe every flow on both brokers; returns the subscribers by `broker:source[:reclaim]` name."""
+    """Subscribe every flow on both brokers, declare its publishers (into `publishers`, which the
+    outlets publish through); returns the subscribers by `broker:source[:reclaim]` name."""
     subscribers: dict[str, Any] = {}
     for flow in flows:
         pipeline.add_flow(flow)
+        declare_flow_publishers(rabbit, redis, flow, publishers)
         function = subscriber_function(pipeline, flow)
         title = f"{flow.queue}:{flow.command.__name__}"
 
