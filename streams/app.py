@@ -23,6 +23,7 @@ from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
 from streams import health, metrics, schema, topology
+from streams.batches import IN_FLIGHT
 from streams.deps import ADAPTERS, Adapters, install
 from streams.groups import group_keeping_connection
 from streams.keepalive import PendingKeepalive
@@ -138,6 +139,7 @@ async def on_shutdown() -> None:
     """Stop fetching, let in-flight handlers finish, then flush the outbox while brokers are still up."""
     watchdog.arm()
     await asyncio.gather(*(sub.stop() for sub in subscribers.values()))
+    await asyncio.gather(*(entries.drain(settings.graceful_timeout) for entries in IN_FLIGHT.values()))
     await mover.stop()  # scheduled retries stay in Redis for the next mover
     await pipeline.monitor.stop()
     await pipeline.relay.stop(flush_timeout=settings.graceful_timeout / 2)

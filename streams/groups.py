@@ -52,6 +52,8 @@ def group_keeping_connection(url: str, groups: Iterable[tuple[str, str]]) -> typ
                         raise
                 else:  # it was gone: Redis restarted without persistence, or someone deleted it
                     metrics.GROUPS_RECREATED.labels(stream, group).inc()
-                    log.warning("consumer group was missing; created it", stream=stream, group=group)
+                    log.warning(
+                        "consumer group was missing (a Redis restart?); re-created it", stream=stream, group=group
+                    )
 
     return GroupKeepingConnection

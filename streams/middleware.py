@@ -15,11 +15,13 @@ from typing import Any
 
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
+from faststream.redis.parser import BinaryMessageFormatV1
 
+from streams.batches import Batch, decode, set_batch
 from streams.flow import Flow
 from streams.logging import bind_message, get_logger, unbind_message
-from streams.outlets import Outlet
-from streams.pipeline import Delivery, Pipeline
+from streams.outlets import Outlet, ascii_header, envelope_headers
+from streams.pipeline import Admission, Delivery, Pipeline
 
 log = get_logger("pipeline.middleware")
 
@@ -33,6 +35,7 @@ class Route:
     flow: Flow[Any]
     source: str
     reclaims: bool = False  # read from another consumer's pending list (XAUTOCLAIM)
+    batch: bool = False  # a Redis batch read: several entries in one call
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +75,24 @@ def routed_parser(route: Route) -> Callable[[Any, Parse], Awaitable[StreamMessag
         except Exception:
             if not isinstance(raw, dict):  # a RabbitMQ delivery: aio-pika read it already
                 raise
+            if route.batch:  # FastStream reads the whole batch as one: give it entries it can read
+                return await original({**raw, "data": [await _readable(fields) for fields in raw["data"]]})
             return await original({**raw, "data": {DATA_KEY: b""}})
 
     return parse
+
+
+async def _readable(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """An entry with an empty body and its headers (its correlation id too), for FastStream's batch parser."""
+    data = fields.get(DATA_KEY)
+    headers = BinaryMessageFormatV1.parse(data)[1] if data is not None else {}
+    entry = await BinaryMessageFormatV1.encode(
+        message=b"",
+        reply_to=None,
+        headers=envelope_headers({str(k): str(v) for k, v in headers.items()}),
+        correlation_id=ascii_header(str(headers.get("correlation_id", ""))),
+    )
+    return {DATA_KEY: entry}
 
 
 def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
@@ -89,6 +107,8 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
                 return await call_next(msg)
             _ROUTED.set(None)
             route = routed.route
+            if route.batch:
+                return await self._batch(call_next, msg, routed)
             env = outlet.envelope(routed.raw, route.source)
             if route.reclaims:
                 # Claimed from another consumer's pending list: that consumer died holding it.
@@ -106,6 +126,32 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
                 return await asyncio.shield(work)
             finally:
                 unbind_message()
+
+        async def _batch(
+            self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], routed: Routed
+        ) -> Any:
+            """Entries read together: each admitted and validated on its own, the valid ones handed on."""
+            route = routed.route
+            batch = Batch(route.source)
+            for env in outlet.entries(routed.raw, route.source):
+                delivery = Delivery(env)
+                if await pipeline.admit(delivery) is Admission.REFUSED:  # oversized: parked
+                    continue
+                try:
+                    cmd = decode(route.flow, env)
+                except Exception as exc:  # noqa: BLE001 - classified: dead-lettered as invalid
+                    bind_message(env.message_id, env.correlation_id, env.source)
+                    try:
+                        await pipeline.fail(delivery, exc)
+                    finally:
+                        unbind_message()
+                    continue
+                batch.deliveries.append(delivery)
+                batch.commands.append(cmd)
+            if not batch.deliveries:
+                return None
+            set_batch(batch)
+            return await call_next(msg)
 
         async def _handle(
             self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], delivery: Delivery

@@ -34,6 +34,10 @@ class Outlet(Protocol):
         """Read a message as the broker client delivered it, once, into an Envelope."""
         ...
 
+    def entries(self, raw: Any, source: str) -> list[Envelope]:
+        """The Envelopes of the messages one batch read delivered, in order."""
+        ...
+
     async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
         """Publish outcome events (JSON bytes) on `events`, persistently, in order; all confirmed or raise."""
         ...
@@ -117,6 +121,9 @@ class RabbitOutlet:
 
     def envelope(self, raw: Any, source: str) -> Envelope:
         return self.delivered(raw, source)
+
+    def entries(self, raw: Any, source: str) -> list[Envelope]:
+        return [self.delivered(raw, source)]  # RabbitMQ delivers one message at a time
 
     @staticmethod
     def delivered(raw: AbstractIncomingMessage, source: str) -> Envelope:
@@ -221,6 +228,22 @@ class RedisOutlet:
         self.events_stream = stream
         self.client = client
         self.groups = groups
+
+    def entries(self, raw: Any, source: str) -> list[Envelope]:
+        """The Envelopes of the entries a batch read delivered, in order."""
+        data = raw["data"]
+        ids = raw.get("message_ids") or [None] * len(data)  # an in-memory test broker has no entry ids
+        return [
+            self.entry(source, entry_id.decode() if entry_id else None, dict(fields))
+            for entry_id, fields in zip(ids, data, strict=True)
+        ]
+
+    async def ack(self, source: str, envs: Sequence[Envelope]) -> None:
+        """Acknowledge entries of `source` whose outcomes are committed (or parked), with one XACK."""
+        ids = [env.entry_id for env in envs if env.entry_id is not None]
+        group = self.groups.get(source)
+        if ids and group is not None:
+            await self.client.xack(source, group, *ids)
 
     def envelope(self, raw: Any, source: str) -> Envelope:
         entry_ids = raw.get("message_ids") or []

@@ -143,9 +143,15 @@ class Pipeline:
         admission = await self.admit(delivery)
         if admission is Admission.REFUSED:
             return
+        await self.guarded(delivery, handle, alone=admission is Admission.ALONE)
+
+    async def guarded(
+        self, delivery: Delivery, handle: Callable[[], Awaitable[object]], *, alone: bool = False
+    ) -> None:
+        """Run `handle` for an admitted delivery, beside the others or `alone`, and classify whatever it raised."""
         # A suspect runs alone: if it kills the worker again, nothing else is charged.
         isolation = self.isolation
-        async with isolation.exclusive() if admission is Admission.ALONE else isolation.shared():
+        async with isolation.exclusive() if alone else isolation.shared():
             try:
                 await handle()
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes

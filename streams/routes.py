@@ -9,17 +9,19 @@ over by FastStream `Depends` (so `broker.provider.override(get_mailer, ...)` rea
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
-from faststream import Depends
+from faststream import AckPolicy, Depends
 from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker, StreamSub
 
 from streams import topology
+from streams.batches import IN_FLIGHT, Ack, InFlight, batch_decoder, current_batch, run_batch
 from streams.flow import Flow
 from streams.flows import FLOWS
 from streams.middleware import Route, current_delivery, routed_parser
-from streams.pipeline import Pipeline
+from streams.outlets import RedisOutlet
+from streams.pipeline import Delivery, Pipeline
 from streams.publishers import Publishers, declare_flow_publishers
 from streams.settings import Settings
 
@@ -43,6 +45,25 @@ def subscriber_function(pipeline: Pipeline, flow: Flow[Any]) -> Any:
     return handle
 
 
+def batch_function(pipeline: Pipeline, flow: Flow[Any], ack: Ack, in_flight: InFlight, hold: float) -> Any:
+    """The function FastStream calls with the commands of one Redis read and the flow's dependency."""
+
+    async def handle(cmds: list[Any], dependency: Any) -> None:
+        async def run_one(delivery: Delivery, cmd: Any) -> None:
+            ctx = delivery.envelope.context
+            await pipeline.run(delivery, flow, cmd, lambda: flow.handler(cmd, ctx, dependency))
+
+        await run_batch(pipeline, flow, current_batch(), cmds, run_one, ack, in_flight, hold)
+
+    handle.__annotations__ = {
+        "cmds": list[flow.command],  # type: ignore[name-defined]  # the flow's model, known at run time
+        "dependency": Annotated[Any, Depends(flow.provide)],
+        "return": None,
+    }
+    handle.__name__ = handle.__qualname__ = f"handle_{flow.name}_batch"
+    return handle
+
+
 def register(
     rabbit: RabbitBroker,
     redis: RedisBroker,
@@ -56,6 +77,7 @@ def register(
     """Subscribe every flow on both brokers, declare its publishers (into `publishers`, which the
     outlets publish through); returns the subscribers by `broker:source[:reclaim]` name."""
     subscribers: dict[str, Any] = {}
+    redis_ack = cast(RedisOutlet, pipeline.outlets["redis"]).ack
     for flow in flows:
         pipeline.add_flow(flow)
         declare_flow_publishers(rabbit, redis, flow, publishers)
@@ -72,22 +94,29 @@ def register(
         rabbit_sub(function)
         subscribers[f"rabbit:{flow.queue}"] = rabbit_sub
 
-        # New entries, handled side by side (FastStream's concurrent subscriber): a slow call
-        # holds one of `max_workers` places, never the entries read with it.
+        # New entries, read together (FastStream's batch subscriber: one call a read), handled side
+        # by side and acknowledged once committed (`streams.batches`): a slow call is left running
+        # after `hold`, so it never holds up the next read.
+        in_flight = IN_FLIGHT[flow.stream] = InFlight(settings.redis_max_workers)
         redis_sub = redis.subscriber(
             stream=StreamSub(
                 flow.stream,
                 group=flow.group,
                 consumer=consumer,
+                batch=True,
                 max_records=settings.redis_read_count,
                 polling_interval=settings.redis_polling_ms,
             ),
-            parser=routed_parser(Route(flow, flow.stream)),
-            max_workers=settings.redis_max_workers,
+            parser=routed_parser(Route(flow, flow.stream, batch=True)),
+            decoder=batch_decoder,
+            ack_policy=AckPolicy.MANUAL,
             title=f"{title}:redis",
-            description=flow.description,
+            description=(
+                f"{flow.description} Each stream entry is one `{flow.command.__name__}`; the worker reads "
+                "entries in batches, which is why the payload reads as an array."
+            ),
         )
-        redis_sub(function)
+        redis_sub(batch_function(pipeline, flow, redis_ack, in_flight, settings.redis_batch_hold_ms / 1000))
         subscribers[f"redis:{flow.stream}"] = redis_sub
 
         # Entries another consumer read and left pending past the claim time: it died holding them.

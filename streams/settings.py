@@ -92,8 +92,11 @@ class Settings(BaseSettings):
     # commits sharing transactions.
     rabbit_prefetch: int = Field(128, ge=1, le=65_535)
     redis_read_count: int = Field(256, ge=1, le=10_000)
-    # Entries of one stream handled at once (FastStream's `max_workers`).
+    # Entries of one stream handled at once: a read's, and those left running after it.
     redis_max_workers: int = Field(256, ge=1, le=1_000)
+    # How long a read's call waits for its slowest entries before it acknowledges what finished and
+    # reads on (what still runs is acknowledged when it ends).
+    redis_batch_hold_ms: int = Field(200, ge=0)
     redis_polling_ms: int = Field(100, ge=1)
     # How often a reclaiming subscriber looks for entries a dead consumer left pending.
     redis_reclaim_polling_ms: int = Field(1_000, ge=1)

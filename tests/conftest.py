@@ -53,6 +53,10 @@ class RecordingRedis:
         self.added.append((name, dict(fields)))
         return b"0-1"
 
+    async def xack(self, name: str, group: str, *ids: str) -> int:
+        self.acked.extend((name, group, i) for i in ids)
+        return len(ids)
+
     def pipeline(self, transaction: bool = True) -> RecordingTransaction:
         return RecordingTransaction(self)
 
