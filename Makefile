@@ -95,3 +95,7 @@ bench-scale: $(BENCH_STAMP) ## scaling figures: 1-3 workers, 1M-event store appe
 
 bench-profile: $(BENCH_STAMP) ## py-spy flame graphs of the worker draining RabbitMQ and Redis
 	$(BIN)/python -m bench profile
+
+.PHONY: soak
+soak: $(STAMP) ## one worker under a steady mixed load on both brokers (SOAK_RATE=800 msg/s, SOAK_SECONDS=3600): RSS and outcomes -> bench/results/soak-latest.*
+	$(BIN)/python -m bench.soak
