@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -61,6 +62,7 @@ ANALYZE_SCALE = 0.1
 
 # How often the SQLite WAL is copied into the database file, off the loop (`Checkpointer`).
 CHECKPOINT_SECONDS = 0.5
+WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL past this is emptied (a TRUNCATE checkpoint)
 
 # Outbox rows the relay published wait at most this long to be marked in the next group commit's
 # transaction before they are marked in one of their own (`mark_published_soon`).
@@ -266,6 +268,11 @@ class EventStore:
         except BaseException:
             self._rollback(db)
             raise
+        checkpointer = self._checkpointer
+        if checkpointer is not None and checkpointer.rewind.is_set():
+            checkpointer.rewind.clear()
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            checkpointer.rewinds += 0 if busy else 1
 
     async def _pg(self) -> asyncpg.Pool:
         """The hot path's own asyncpg pool (made on first use, on the running loop).
@@ -664,17 +671,32 @@ def _is_inbox_conflict(exc: Exception) -> bool:
     return "inbox" in text_ or "pk_inbox" in text_
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 class Checkpointer:
     """Checkpoints a SQLite WAL from a thread of its own, so the loop's commits never do.
 
     PASSIVE: it copies what no reader still needs into the database file and fsyncs it, without
-    blocking writers or readers; the WAL restarts from the beginning once it is all copied.
+    blocking writers or readers. Under a steady stream of commits that is not enough: the WAL is
+    only rewound by a writer that finds every frame copied, and a new commit has always landed by
+    then, so the WAL (and the WAL index every connection maps) grows for as long as the load lasts.
+    So once the WAL outgrows `WAL_RESET_BYTES` the thread asks the store (`rewind`), whose next
+    commit, on the loop, ends with a TRUNCATE checkpoint: it copies the little the passive ones
+    left and empties the WAL. Done by the writer itself, between its transactions: a checkpoint
+    that must wait for the writer lock from another thread starves under a steady stream of commits.
     """
 
-    def __init__(self, path: str, *, interval: float = CHECKPOINT_SECONDS) -> None:
+    def __init__(self, path: str, *, interval: float | None = None) -> None:
         self.path = path
-        self.interval = interval
+        self.interval = CHECKPOINT_SECONDS if interval is None else interval
         self.checkpoints = 0
+        self.rewind = threading.Event()  # the WAL outgrew its bound: the writer should empty it
+        self.rewinds = 0  # TRUNCATE checkpoints the writer ran that emptied the WAL
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
 
@@ -695,6 +717,8 @@ class Checkpointer:
                 stopping = self._stop.wait(self.interval)
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if _file_size(self.path + "-wal") > WAL_RESET_BYTES:
+                        self.rewind.set()
                     self.checkpoints += 1
                 except sqlite3.Error as exc:  # busy, or the file went away: the next round tries again
                     log.warning("sqlite checkpoint failed", error=repr(exc))

@@ -4,6 +4,7 @@ a COMMIT that fails leaves no transaction open behind it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -52,6 +53,37 @@ async def test_commits_leave_checkpoints_to_the_store_thread(tmp_path: Path) -> 
     finally:
         await store.close()
     assert store._checkpointer is None  # stopped with the store
+
+
+async def test_the_wal_is_rewound_under_a_steady_stream_of_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits that never pause leave no moment for a passive checkpoint to rewind the WAL: once it
+    outgrows its bound the writer empties it (TRUNCATE), so it stays near that bound instead of
+    growing with the load (44 MB/s at 800 msg/s, and the WAL index every connection maps with it)."""
+    import streams.store as store_module
+
+    bound = 1024 * 1024
+    monkeypatch.setattr(store_module, "WAL_RESET_BYTES", bound)
+    monkeypatch.setattr(store_module, "CHECKPOINT_SECONDS", 0.05)
+    db = tmp_path / "store.db"
+    store = EventStore(f"sqlite+aiosqlite:///{db}")
+    await store.start()
+    wal = f"{db}-wal"
+    sizes: list[int] = []
+    try:
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while loop.time() < deadline or checkpointer.rewinds < 3:  # commits without a pause
+            assert loop.time() < deadline + 20, "the WAL was never emptied"
+            await asyncio.gather(*(store.commit(sent()) for _ in range(20)))
+            sizes.append(os.stat(wal).st_size)
+    finally:
+        await store.close()
+    written = len(sizes) * 20 * 9_000  # about 9 kB of WAL a commit
+    assert max(sizes) < 16 * bound < written, "the WAL grew with the commits instead of being emptied"
 
 
 async def test_a_store_never_started_keeps_sqlite_checkpointing_itself(tmp_path: Path) -> None:
