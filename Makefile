@@ -70,8 +70,7 @@ check: lint typecheck ## ruff + mypy --strict + pytest (what CI runs)
 docs: $(STAMP) ## regenerate asyncapi.yaml from the code
 	# FastStream lists channels, operations, messages and schemas in an order that moves from run to
 	# run (the same content): sorted by name here, so the file changes only when the content does.
-	# Each worker reads Redis under a consumer name of its own; the document shows `worker`.
-	PIPELINE_CONSUMER_NAME=worker $(BIN)/faststream docs gen --yaml streams.app:app --out asyncapi.yaml
+	$(BIN)/faststream docs gen --yaml streams.app:app --out asyncapi.yaml
 	$(BIN)/python -c 'import yaml; d = yaml.safe_load(open("asyncapi.yaml")); \
 		d.update({k: dict(sorted(d[k].items())) for k in ("channels", "operations")}); \
 		d["components"] = {k: dict(sorted(v.items())) for k, v in d["components"].items()}; \

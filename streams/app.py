@@ -45,14 +45,14 @@ log = get_logger("pipeline.app")
 
 
 def consumer_name() -> str:
-    """A Redis consumer name and outbox owner unique to the calling process.
-
-    `streams.forkserver` imports this module in each forked worker, not before the fork.
-    """
+    """The outbox owner (and the name in the start-up line) unique to the calling process."""
     return settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-CONSUMER = consumer_name()
+CONSUMER = consumer_name()  # renewed at start-up: a worker forked from this process is another owner
+# The Redis consumer name every worker reads under (the AsyncAPI document shows it): what a worker
+# holds is kept its own by id (streams.keepalive), so workers need no names of their own.
+REDIS_CONSUMER = settings.consumer_name or "worker"
 store = EventStore(
     settings.database_url,
     owner=CONSUMER,
@@ -89,14 +89,15 @@ redis = RedisBroker(
 publishers = declare_publishers(rabbit, redis)
 rabbit_outlet = RabbitOutlet(publishers.rabbit_events, publishers.rabbit_dead_letters, publishers.rabbit_delay)
 redis_outlet = RedisOutlet(publishers.redis_events, redis_client, dict(topology.COMMAND_STREAMS))
-keepalive = PendingKeepalive(redis_client, topology.COMMAND_STREAMS, CONSUMER, settings.redis_claim_idle_ms)
+keepalive = PendingKeepalive(redis_client, dict(topology.COMMAND_STREAMS), REDIS_CONSUMER, settings.redis_claim_idle_ms)
+redis_outlet.keepalive = keepalive
 mover = Mover(redis_client, [s for s, _ in topology.COMMAND_STREAMS], settings.redis_mover_interval_ms / 1000)
 pipeline.attach(rabbit_outlet)
 pipeline.attach(redis_outlet)
 rabbit.add_middleware(make_middleware(pipeline, rabbit_outlet))
 redis.add_middleware(make_middleware(pipeline, redis_outlet))
 
-subscribers = register(rabbit, redis, pipeline, settings, publishers, consumer=CONSUMER)
+subscribers = register(rabbit, redis, pipeline, settings, publishers, consumer=REDIS_CONSUMER)
 # In-flight handlers get the graceful timeout, the outbox flush half of it; then connections close.
 watchdog = ShutdownWatchdog(deadline=2 * settings.graceful_timeout + 10)
 
@@ -109,6 +110,8 @@ async def on_startup() -> None:
     await schema.prepare(settings.database_url, auto_upgrade=settings.auto_upgrade)
     await store.start(create=False)
     install(Adapters.from_settings(settings))
+    global CONSUMER  # noqa: PLW0603 - one identity per process, set where the process starts working
+    CONSUMER = store.owner = consumer_name()
     crash_ledger.start()
     await rabbit.connect()
     await topology.declare_rabbit(rabbit)

@@ -21,6 +21,7 @@ from schemas.base import Message
 from streams.envelope import Envelope
 from streams.flow import Flow
 from streams.logging import bind_message, get_logger, unbind_message
+from streams.outlets import RedisOutlet
 from streams.pipeline import Delivery, Pipeline
 
 log = get_logger("pipeline.batches")
@@ -42,9 +43,6 @@ def decode(flow: Flow[C], env: Envelope) -> C:
     if content_type and content_type != "application/octet-stream" and not content_type.startswith("application/json"):
         raise InvalidMessageError(f"content type {content_type!r} is not JSON")
     return flow.command.model_validate_json(env.body)
-
-
-Ack = Callable[[str, list[Envelope]], Awaitable[None]]
 
 
 @dataclass
@@ -114,7 +112,7 @@ async def run_batch(
     batch: Batch,
     commands: list[Message],
     run_one: Callable[[Delivery, Message], Awaitable[None]],
-    ack: Ack,
+    outlet: RedisOutlet,
     in_flight: InFlight,
     hold: float,
 ) -> None:
@@ -133,14 +131,15 @@ async def run_batch(
 
     async def acknowledge(envs: list[Envelope]) -> None:
         try:
-            await ack(batch.source, envs)
+            await outlet.ack(batch.source, envs)
         except Exception as exc:  # noqa: BLE001 - committed: a reclaimer finds them done and acknowledges them
             log.warning("entries not acknowledged; a reclaimer will", entries=len(envs), error=repr(exc))
 
     loop = asyncio.get_running_loop()
     tasks = {loop.create_task(one(d, cmd)): d.envelope for d, cmd in zip(batch.deliveries, commands, strict=True)}
     done, running = await asyncio.wait(tasks, timeout=hold)
-    finished = [tasks[t] for t in done if t.exception() is None]  # else: left pending, reclaimed later
+    finished = [tasks[t] for t in done if t.exception() is None]
+    outlet.release([tasks[t] for t in done if t.exception() is not None])  # left pending: reclaimed later
     if finished:
         await acknowledge(finished)
     for task in running:
@@ -148,6 +147,8 @@ async def run_batch(
         def ended(t: asyncio.Task[None], env: Envelope = tasks[task]) -> None:
             if not t.cancelled() and t.exception() is None:
                 in_flight.add(loop.create_task(acknowledge([env])))
+            else:
+                outlet.release([env])
 
         task.add_done_callback(ended)
         in_flight.add(task)

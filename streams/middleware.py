@@ -126,6 +126,7 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
                 return await asyncio.shield(work)
             finally:
                 unbind_message()
+                outlet.release([env])  # FastStream acknowledges it next, or leaves it to the broker
 
         async def _batch(
             self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], routed: Routed
@@ -133,21 +134,26 @@ def make_middleware(pipeline: Pipeline, outlet: Outlet) -> type[BaseMiddleware]:
             """Entries read together: each admitted and validated on its own, the valid ones handed on."""
             route = routed.route
             batch = Batch(route.source)
-            for env in outlet.entries(routed.raw, route.source):
-                delivery = Delivery(env)
-                if await pipeline.admit(delivery) is Admission.REFUSED:  # oversized: parked
-                    continue
-                try:
-                    cmd = decode(route.flow, env)
-                except Exception as exc:  # noqa: BLE001 - classified: dead-lettered as invalid
-                    bind_message(env.message_id, env.correlation_id, env.source)
+            envs = outlet.entries(routed.raw, route.source)
+            try:
+                for env in envs:
+                    delivery = Delivery(env)
+                    if await pipeline.admit(delivery) is Admission.REFUSED:  # oversized: parked
+                        continue
                     try:
-                        await pipeline.fail(delivery, exc)
-                    finally:
-                        unbind_message()
-                    continue
-                batch.deliveries.append(delivery)
-                batch.commands.append(cmd)
+                        cmd = decode(route.flow, env)
+                    except Exception as exc:  # noqa: BLE001 - classified: dead-lettered as invalid
+                        bind_message(env.message_id, env.correlation_id, env.source)
+                        try:
+                            await pipeline.fail(delivery, exc)
+                        finally:
+                            unbind_message()
+                        continue
+                    batch.deliveries.append(delivery)
+                    batch.commands.append(cmd)
+            except BaseException:
+                outlet.release(envs)  # left pending: a reclaimer takes them
+                raise
             if not batch.deliveries:
                 return None
             set_batch(batch)

@@ -20,6 +20,7 @@ from pamqp import commands as spec
 
 from streams import names, scheduler, topology
 from streams.envelope import Envelope, Transport, header_str, parse_attempt, parse_count, pick_ids
+from streams.keepalive import PendingKeepalive
 from streams.store import PendingEvent
 
 DATA_KEY = b"__data__"
@@ -36,6 +37,10 @@ class Outlet(Protocol):
 
     def entries(self, raw: Any, source: str) -> list[Envelope]:
         """The Envelopes of the messages one batch read delivered, in order."""
+        ...
+
+    def release(self, envs: Sequence[Envelope]) -> None:
+        """These messages are done with here (acknowledged, parked, or left to the broker)."""
         ...
 
     async def publish_events(self, rows: Sequence[PendingEvent]) -> None:
@@ -124,6 +129,9 @@ class RabbitOutlet:
 
     def entries(self, raw: Any, source: str) -> list[Envelope]:
         return [self.delivered(raw, source)]  # RabbitMQ delivers one message at a time
+
+    def release(self, envs: Sequence[Envelope]) -> None:
+        return None  # the broker tracks what a consumer holds
 
     @staticmethod
     def delivered(raw: AbstractIncomingMessage, source: str) -> Envelope:
@@ -228,26 +236,44 @@ class RedisOutlet:
         self.events_stream = stream
         self.client = client
         self.groups = groups
+        # Entries read here and not yet acknowledged or parked: kept from reclaimers while we live.
+        self.keepalive: PendingKeepalive | None = None
 
     def entries(self, raw: Any, source: str) -> list[Envelope]:
         """The Envelopes of the entries a batch read delivered, in order."""
         data = raw["data"]
         ids = raw.get("message_ids") or [None] * len(data)  # an in-memory test broker has no entry ids
-        return [
+        envs = [
             self.entry(source, entry_id.decode() if entry_id else None, dict(fields))
             for entry_id, fields in zip(ids, data, strict=True)
         ]
+        self._hold(source, envs)
+        return envs
+
+    def _hold(self, source: str, envs: Sequence[Envelope]) -> None:
+        if self.keepalive is not None:
+            self.keepalive.hold(source, (env.entry_id for env in envs))
+
+    def release(self, envs: Sequence[Envelope]) -> None:
+        if self.keepalive is not None:
+            for env in envs:
+                self.keepalive.release(env.source, (env.entry_id,))
 
     async def ack(self, source: str, envs: Sequence[Envelope]) -> None:
         """Acknowledge entries of `source` whose outcomes are committed (or parked), with one XACK."""
         ids = [env.entry_id for env in envs if env.entry_id is not None]
         group = self.groups.get(source)
-        if ids and group is not None:
-            await self.client.xack(source, group, *ids)
+        try:
+            if ids and group is not None:
+                await self.client.xack(source, group, *ids)
+        finally:
+            self.release(envs)
 
     def envelope(self, raw: Any, source: str) -> Envelope:
         entry_ids = raw.get("message_ids") or []
-        return self.entry(source, entry_ids[0].decode() if entry_ids else None, dict(raw["data"]))
+        env = self.entry(source, entry_ids[0].decode() if entry_ids else None, dict(raw["data"]))
+        self._hold(source, [env])
+        return env
 
     @staticmethod
     def entry(source: str, entry_id: str | None, fields: dict[bytes, bytes]) -> Envelope:
@@ -316,6 +342,7 @@ class RedisOutlet:
             tx.xadd(names.dlq(env.source), entry)  # type: ignore[arg-type]
             self._ack(tx, env)
             await tx.execute()
+        self.release([env])
 
     async def retry_later(self, env: Envelope, delay: float, headers: dict[str, str]) -> None:
         # The retry copy goes into the scheduled set and the original is acknowledged atomically;
@@ -323,6 +350,7 @@ class RedisOutlet:
         fields = await self._with_headers(env, headers)
         due_ms = int((time.time() + delay) * 1000)
         await scheduler.schedule(self.client, env.source, fields, due_ms, ack=lambda tx: self._ack(tx, env))
+        self.release([env])
 
     def _ack(self, tx: Any, env: Envelope) -> None:
         group = self.groups.get(env.source)

@@ -16,7 +16,7 @@ from faststream.rabbit import RabbitBroker
 from faststream.redis import RedisBroker, StreamSub
 
 from streams import topology
-from streams.batches import IN_FLIGHT, Ack, InFlight, batch_decoder, current_batch, run_batch
+from streams.batches import IN_FLIGHT, InFlight, batch_decoder, current_batch, run_batch
 from streams.flow import Flow
 from streams.flows import FLOWS
 from streams.middleware import Route, current_delivery, routed_parser
@@ -45,7 +45,7 @@ def subscriber_function(pipeline: Pipeline, flow: Flow[Any]) -> Any:
     return handle
 
 
-def batch_function(pipeline: Pipeline, flow: Flow[Any], ack: Ack, in_flight: InFlight, hold: float) -> Any:
+def batch_function(pipeline: Pipeline, flow: Flow[Any], outlet: RedisOutlet, in_flight: InFlight, hold: float) -> Any:
     """The function FastStream calls with the commands of one Redis read and the flow's dependency."""
 
     async def handle(cmds: list[Any], dependency: Any) -> None:
@@ -53,7 +53,7 @@ def batch_function(pipeline: Pipeline, flow: Flow[Any], ack: Ack, in_flight: InF
             ctx = delivery.envelope.context
             await pipeline.run(delivery, flow, cmd, lambda: flow.handler(cmd, ctx, dependency))
 
-        await run_batch(pipeline, flow, current_batch(), cmds, run_one, ack, in_flight, hold)
+        await run_batch(pipeline, flow, current_batch(), cmds, run_one, outlet, in_flight, hold)
 
     handle.__annotations__ = {
         "cmds": list[flow.command],  # type: ignore[name-defined]  # the flow's model, known at run time
@@ -77,9 +77,12 @@ def register(
     """Subscribe every flow on both brokers, declare its publishers (into `publishers`, which the
     outlets publish through); returns the subscribers by `broker:source[:reclaim]` name."""
     subscribers: dict[str, Any] = {}
-    redis_ack = cast(RedisOutlet, pipeline.outlets["redis"]).ack
+    redis_outlet = cast(RedisOutlet, pipeline.outlets["redis"])
     for flow in flows:
         pipeline.add_flow(flow)
+        redis_outlet.groups[flow.stream] = flow.group
+        if redis_outlet.keepalive is not None:
+            redis_outlet.keepalive.groups[flow.stream] = flow.group
         declare_flow_publishers(rabbit, redis, flow, publishers)
         function = subscriber_function(pipeline, flow)
         title = f"{flow.queue}:{flow.command.__name__}"
@@ -116,7 +119,7 @@ def register(
                 "entries in batches, which is why the payload reads as an array."
             ),
         )
-        redis_sub(batch_function(pipeline, flow, redis_ack, in_flight, settings.redis_batch_hold_ms / 1000))
+        redis_sub(batch_function(pipeline, flow, redis_outlet, in_flight, settings.redis_batch_hold_ms / 1000))
         subscribers[f"redis:{flow.stream}"] = redis_sub
 
         # Entries another consumer read and left pending past the claim time: it died holding them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ def generate(out: Path) -> dict[str, object]:
     subprocess.run(
         [sys.executable, "-m", "faststream", "docs", "gen", "--yaml", "streams.app:app", "--out", str(out)],
         cwd=ROOT,
-        env={**os.environ, "PIPELINE_CONSUMER_NAME": "worker"},  # as `make docs` names it
         check=True,
         capture_output=True,
         timeout=120,
