@@ -16,11 +16,13 @@ ALL_CONTENDERS: tuple[str, ...] = (
     "rabbit-dramatiq",
     "rabbit-handrolled",
     "rabbit-pipeline-sqlite",
+    "rabbit-pipeline-sqlite-info",
     "rabbit-pipeline-postgres",
     "redis-raw",
     "redis-faststream",
     "redis-handrolled",
     "redis-pipeline-sqlite",
+    "redis-pipeline-sqlite-info",
 )
 
 

@@ -88,6 +88,12 @@ CONTENDERS: dict[str, ContenderInfo] = {
             "validate, inbox, events, outbox, outcome publish, ack",
         ),
         ContenderInfo(
+            "rabbit-pipeline-sqlite-info",
+            "(d) pipeline, SQLite, at INFO",
+            "RabbitMQ",
+            "as (d), logging at INFO: one JSON line per outcome, to a file",
+        ),
+        ContenderInfo(
             "rabbit-pipeline-postgres",
             "(d) pipeline, PostgreSQL",
             "RabbitMQ",
@@ -106,6 +112,12 @@ CONTENDERS: dict[str, ContenderInfo] = {
             "(g) pipeline, SQLite",
             "Redis",
             "validate, inbox, events, outbox, outcome publish, ack",
+        ),
+        ContenderInfo(
+            "redis-pipeline-sqlite-info",
+            "(g) pipeline, SQLite, at INFO",
+            "Redis",
+            "as (g), logging at INFO: one JSON line per outcome, to a file",
         ),
     )
 }

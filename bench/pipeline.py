@@ -132,12 +132,15 @@ class Worker:
         """True while the process runs."""
         return self.proc.poll() is None
 
-    def tail(self, lines: int = 30) -> str:
-        """The end of the worker's log."""
+    def tail(self, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
+        """The end of the worker's log (its last `max_bytes` only: at INFO the log holds a line per outcome)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with self.log_path.open("rb") as f:
+                f.seek(max(f.seek(0, os.SEEK_END) - max_bytes, 0))
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful), then SIGKILL this process group if it does not finish in time."""
@@ -151,7 +154,9 @@ class Worker:
 
 
 def worker_env(cfg: BenchConfig, store_url: str, rabbit_url: str, **extra: str) -> dict[str, str]:
-    """The worker's environment: bench brokers, the run's store, log mailer, warnings only."""
+    """The worker's environment: bench brokers, the run's store, log mailer, warnings only (unless `extra`
+    sets PIPELINE_LOG_LEVEL, as the `-info` contenders do). The worker's stdout and stderr go to a file
+    (`start_worker`), so its log lines cost what writing them to a file costs, never a full pipe."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     env.update(
         {
@@ -634,8 +639,12 @@ async def run_pipeline(
     max_seconds: float | None = None,
     on_first: Callable[[list[Worker]], None] | None = None,
     on_drained: Callable[[], None] | None = None,
+    log_level: str | None = None,
 ) -> PipelineResult:
-    """Preload n commands, start the worker(s), measure the drain, then latency at half that rate."""
+    """Preload n commands, start the worker(s), measure the drain, then latency at half that rate.
+
+    `log_level`: the workers' PIPELINE_LOG_LEVEL; None keeps worker_env's WARNING (or BENCH_PIPELINE_LOG_LEVEL).
+    """
     async with scratch_dir() as scratch:
         store = await fresh_store(store_kind, cfg, scratch)
         started: list[Worker] = []
@@ -645,7 +654,8 @@ async def run_pipeline(
             else:
                 await prepare_redis(cfg.redis_url, n)
             async with OutcomeCounter(broker, rabbit_url, cfg.redis_url) as counter:
-                env = worker_env(cfg, store.url, rabbit_url)
+                extra = {"PIPELINE_LOG_LEVEL": log_level} if log_level is not None else {}
+                env = worker_env(cfg, store.url, rabbit_url, **extra)
                 started.extend(start_worker(cfg, env, scratch, f"worker{i}") for i in range(workers))
                 drain = await measure_drain(
                     counter.count,

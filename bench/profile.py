@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import loops, pipeline, workload
 from bench.config import BenchConfig
-from bench.runner import PIPELINES, log, wait_quiet
+from bench.runner import PIPELINE_LOG_LEVELS, PIPELINES, log, wait_quiet
 
 # Innermost frame of a stack that is not the event loop or the standard library decides the component.
 COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -239,16 +239,19 @@ async def record(cfg: BenchConfig, rabbit_url: str, key: str, n: int, py_spy_arg
         max_seconds=cfg.profile_seconds + 2,
         on_first=attach,
         on_drained=detach,
+        log_level=PIPELINE_LOG_LEVELS.get(key),
     )
     return result.drain
 
 
 async def profile_one(cfg: BenchConfig, rabbit_url: str, key: str) -> Path:
     """Two drains, each long enough for `profile_seconds` of py-spy: a flame graph, then raw stacks to sum up."""
-    broker, _store = PIPELINES[key]
+    name, _store = PIPELINES[key]  # profile-<broker>.*; profile-<broker>-info.* for a worker at INFO
+    if key in PIPELINE_LOG_LEVELS:
+        name += "-" + PIPELINE_LOG_LEVELS[key].lower()
     out = cfg.results
     out.mkdir(parents=True, exist_ok=True)
-    svg, raw = out / f"profile-{broker}.svg", out / f"profile-{broker}.raw.txt"
+    svg, raw = out / f"profile-{name}.svg", out / f"profile-{name}.raw.txt"
     n = int(os.environ.get("BENCH_PROFILE_N", str(max(cfg.n, 40_000))))  # about 20 s of drain
     log(f"profiling {key}: N={n}, py-spy for {cfg.profile_seconds:g} s from the first outcome (flame graph)")
     drain_svg = await record(cfg, rabbit_url, key, n, ["-o", str(svg)])
@@ -266,8 +269,8 @@ async def profile_one(cfg: BenchConfig, rabbit_url: str, key: str) -> Path:
         "(asyncio: waiting in epoll; uvloop: in its C code, waiting or not)",
         "flame graph": svg.name,
     }
-    md = out / f"profile-{broker}.md"
-    (out / f"profile-{broker}.json").write_text(json.dumps({"key": key, "facts": facts}, indent=2) + "\n")
+    md = out / f"profile-{name}.md"
+    (out / f"profile-{name}.json").write_text(json.dumps({"key": key, "facts": facts}, indent=2) + "\n")
     md.write_text(render(profile, f"Where the pipeline worker spends its time: {key}", facts))
     log(f"  wrote {svg.name}, {raw.name}, {md.name}")
     return md

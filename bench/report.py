@@ -30,6 +30,8 @@ RATIOS: tuple[tuple[str, str, str, float], ...] = (
     ("rabbit-pipeline-sqlite", "rabbit-handrolled", "RabbitMQ: pipeline (SQLite) / hand-rolled", 10.0),
     ("redis-pipeline-sqlite", "redis-faststream", "Redis: pipeline (SQLite) / bare FastStream stream", 2.0),
     ("redis-pipeline-sqlite", "redis-handrolled", "Redis: pipeline (SQLite) / hand-rolled", 10.0),
+    ("rabbit-pipeline-sqlite-info", "rabbit-pipeline-sqlite", "RabbitMQ: pipeline at INFO / at WARNING", 0.85),
+    ("redis-pipeline-sqlite-info", "redis-pipeline-sqlite", "Redis: pipeline at INFO / at WARNING", 0.85),
     ("rabbit-pipeline-sqlite", "rabbit-dramatiq", "RabbitMQ: pipeline (SQLite) / Dramatiq", math.nan),
 )
 MIN_ROUNDS = 3  # issue 18: ratios of medians of at least this many interleaved rounds

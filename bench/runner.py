@@ -38,9 +38,18 @@ BARE: dict[str, tuple[str, str, str]] = {
 }
 HANDROLLED = ("rabbit-handrolled", "redis-handrolled")
 PIPELINES: dict[str, tuple[str, str]] = {
+    # key: (broker, store)
     "rabbit-pipeline-sqlite": ("rabbit", "sqlite"),
+    "rabbit-pipeline-sqlite-info": ("rabbit", "sqlite"),
     "rabbit-pipeline-postgres": ("rabbit", "postgres"),
     "redis-pipeline-sqlite": ("redis", "sqlite"),
+    "redis-pipeline-sqlite-info": ("redis", "sqlite"),
+}
+# The pipelines whose worker runs at another PIPELINE_LOG_LEVEL than the bench's WARNING: the default
+# INFO, one JSON line per outcome (issue 18: at least 0.85x the same worker at WARNING).
+PIPELINE_LOG_LEVELS: dict[str, str] = {
+    "rabbit-pipeline-sqlite-info": "INFO",
+    "redis-pipeline-sqlite-info": "INFO",
 }
 GROUP = "bench"
 T = TypeVar("T")
@@ -211,9 +220,11 @@ async def run_bare(key: str, cfg: BenchConfig, rabbit_url: str, round_no: int, s
 async def run_pipeline_sample(key: str, cfg: BenchConfig, rabbit_url: str, round_no: int, n: int) -> Sample:
     """The pipeline end to end on one broker and store: drain, then latency at half the drain rate."""
     broker, store = PIPELINES[key]
-    result = await pipeline.run_pipeline(cfg, rabbit_url, broker, store, n)
+    log_level = PIPELINE_LOG_LEVELS.get(key)
+    result = await pipeline.run_pipeline(cfg, rabbit_url, broker, store, n, log_level=log_level)
     lat = result.latency
     details = pipeline.describe(result)
+    details["log_level"] = log_level or os.environ.get("BENCH_PIPELINE_LOG_LEVEL", "WARNING")
     if broker == "rabbit" and lat is not None:
         # The same rate with an echo consumer in the worker's place, right after it stopped.
         echo = await pipeline.echo_latency(cfg, rabbit_url, lat.rate, pipeline.worker_prefetch())
@@ -365,7 +376,9 @@ def notes(cfg: BenchConfig) -> list[str]:
         "reads its real quorum queue `email` (PIPELINE_RABBIT_PREFETCH default). Redis: (e) and (f) read "
         f"{cfg.redis_count} entries per XREADGROUP; the pipeline uses its own defaults.",
         "Every run is its own process on the same event loop; the worker is `faststream run streams.app:app` "
-        "with PIPELINE_MAILER=log and PIPELINE_LOG_LEVEL=WARNING, a fresh SQLite file or PostgreSQL database.",
+        "with PIPELINE_MAILER=log and PIPELINE_LOG_LEVEL=WARNING (the `-info` pipelines: INFO, the default, one "
+        "JSON line per outcome; the worker's stdout and stderr go to a file), a fresh SQLite file or PostgreSQL "
+        "database.",
         "Hand-rolled (h), (i): a FastStream subscriber (as (b), (f)) whose handler does the pipeline's job one "
         "message at a time: one SQLAlchemy AsyncSession transaction on a fresh SQLite file (inbox check, event "
         "row, outbox row), the `email.sent` outcome through a FastStream publisher (persistent; on RabbitMQ "

@@ -180,7 +180,7 @@ def test_the_pipeline_is_measured_against_the_hand_rolled_contenders() -> None:
 
 def test_every_contender_is_registered_once() -> None:
     from bench.model import CONTENDERS
-    from bench.runner import BARE, PIPELINES
+    from bench.runner import BARE, PIPELINE_LOG_LEVELS, PIPELINES
 
     assert set(ALL_CONTENDERS) == set(CONTENDERS)
     assert set(ALL_CONTENDERS) == set(BARE) | set(PIPELINES)
@@ -188,6 +188,77 @@ def test_every_contender_is_registered_once() -> None:
     assert {"rabbit-handrolled", "redis-handrolled"} <= set(BARE)
     names = [(broker, name) for _module, broker, name in BARE.values()]
     assert len(names) == len(set(names))  # each reads its own queue or stream
+    # The pipelines at INFO are their WARNING siblings in all but the log level.
+    assert PIPELINE_LOG_LEVELS == {"rabbit-pipeline-sqlite-info": "INFO", "redis-pipeline-sqlite-info": "INFO"}
+    for key in PIPELINE_LOG_LEVELS:
+        assert PIPELINES[key] == PIPELINES[key.removesuffix("-info")]
+        assert CONTENDERS[key].broker == CONTENDERS[key.removesuffix("-info")].broker
+
+
+def _at_info(rates: list[tuple[float, float]]) -> list[Sample]:
+    return [
+        sample
+        for r, (rabbit, redis) in enumerate(rates)
+        for sample in (
+            Sample("rabbit-pipeline-sqlite-info", r + 1, 200, rabbit, 1000.0, 110.0, 0.2, handled=200),
+            Sample("redis-pipeline-sqlite-info", r + 1, 200, redis, 900.0, 100.0, 0.2, handled=200),
+        )
+    ]
+
+
+def test_the_pipeline_at_info_is_measured_against_itself_at_warning() -> None:
+    """Ratios of medians of the same rounds: the INFO worker over the WARNING one, each broker, goal 0.85."""
+    names = ["RabbitMQ: pipeline at INFO / at WARNING", "Redis: pipeline at INFO / at WARNING"]
+    unmeasured = {t.name: t for t in report.targets(_samples())}
+    assert [unmeasured[n].holds for n in names] == [None, None]  # listed even when the INFO ones did not run
+    samples = _samples() + _at_info([(855.0, 1500.0), (800.0, 1700.0)])  # WARNING: 900, 1000 and 2000, 1900
+    targets = {t.name: t for t in report.targets(samples)}
+    rabbit = targets[names[0]]
+    assert rabbit.measured == pytest.approx(827.5 / 950)
+    assert rabbit.per_round == pytest.approx((0.95, 0.8))
+    assert (rabbit.goal, rabbit.holds) == (0.85, True)
+    redis = targets[names[1]]
+    assert redis.measured == pytest.approx(1600 / 1950)
+    assert redis.per_round == pytest.approx((0.75, 1700 / 1900))
+    assert redis.holds is False
+    text = report.render_markdown(samples, {"n": 200, "rounds": 2, "loop": "asyncio", "cpus": 2})
+    assert "| RabbitMQ: pipeline at INFO / at WARNING | >= 0.85 x | 0.87 x | 0.95, 0.80 | yes |" in text
+    assert "| Redis: pipeline at INFO / at WARNING | >= 0.85 x | 0.82 x | 0.75, 0.89 | **no** |" in text
+    assert "| (d) pipeline, SQLite, at INFO | RabbitMQ |" in text
+    assert "| (g) pipeline, SQLite, at INFO | Redis |" in text
+    # Latency and RSS targets stay those of the WARNING workers.
+    assert not [t for t in targets if "INFO" in t and "/ at WARNING" not in t]
+
+
+def test_the_worker_logs_at_its_level_into_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WARNING unless the contender says INFO; stdout and stderr both go to a file, never a pipe."""
+    import subprocess
+
+    from bench import pipeline
+
+    monkeypatch.delenv("BENCH_PIPELINE_LOG_LEVEL", raising=False)
+    cfg = BenchConfig()
+    assert pipeline.worker_env(cfg, "sqlite+aiosqlite:///x.db", cfg.rabbit_url)["PIPELINE_LOG_LEVEL"] == "WARNING"
+    env = pipeline.worker_env(cfg, "sqlite+aiosqlite:///x.db", cfg.rabbit_url, PIPELINE_LOG_LEVEL="INFO")
+    assert env["PIPELINE_LOG_LEVEL"] == "INFO"
+    seen: dict[str, object] = {}
+
+    class FakePopen:
+        pid = 0
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            seen.update(kwargs)
+            stdout = kwargs["stdout"]
+            assert hasattr(stdout, "write")
+            stdout.write(b"".join(b'{"event":"handled","n":%d}\n' % i for i in range(20_000)))
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    worker = pipeline.start_worker(cfg, env, tmp_path, "w0")
+    assert seen["env"] is env
+    assert seen["stderr"] == subprocess.STDOUT
+    assert getattr(seen["stdout"], "name", None) == str(tmp_path / "w0.log")
+    assert worker.log_path == tmp_path / "w0.log"
+    assert worker.tail(2) == '{"event":"handled","n":19998}\n{"event":"handled","n":19999}'
 
 
 def test_the_hand_rolled_store_commits_once_and_marks_the_outbox() -> None:
