@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import logging
-
 import httpx
+import structlog
 
 from handlers.http import post_json
 from schemas import SendEmail
 
-log = logging.getLogger("pipeline.mailer")
+# structlog's own logger: the app configures it (level, JSON lines, the message's ids bound).
+log = structlog.get_logger()
 
 
 class LogMailer:
     """Writes the mail to the log instead of sending it; for development."""
 
     async def send(self, mail: SendEmail, *, idempotency_key: str) -> str | None:
-        log.info("mail to %s: %s", mail.to, mail.subject, extra={"idempotency_key": idempotency_key})
+        log.info(
+            "mail", logger="pipeline.mailer", to=str(mail.to), subject=mail.subject, idempotency_key=idempotency_key
+        )
         return f"log-{idempotency_key}"
 
 
