@@ -149,14 +149,12 @@ def _engine(url: str, *, for_migration: bool = False) -> AsyncEngine:
         return create_async_engine(url, poolclass=pool.NullPool)
     # The driver's implicit transactions leave DDL outside any transaction: take the write lock
     # ourselves, so the whole upgrade is one transaction and concurrent upgrades queue up.
-    engine = create_async_engine(url, poolclass=pool.NullPool, connect_args={"timeout": _SQLITE_LOCK_WAIT})
-    event.listen(engine.sync_engine, "connect", _sqlite_no_implicit_begin)
+    # isolation_level=None (sqlite3.connect's own argument): no implicit transactions.
+    engine = create_async_engine(
+        url, poolclass=pool.NullPool, connect_args={"timeout": _SQLITE_LOCK_WAIT, "isolation_level": None}
+    )
     event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
     return engine
-
-
-def _sqlite_no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None
 
 
 def _sqlite_begin_immediate(conn: Connection) -> None:
