@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, event, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -83,6 +83,10 @@ def _wal(dbapi_conn: Any, _: Any) -> None:
     cursor.close()
 
 
+# Publishes an outbox row's event through FastStream: (row, correlation id, headers).
+Publish: TypeAlias = Callable[["Outbox", str, dict[str, Any]], Awaitable[Any]]
+
+
 class Store:
     """One transaction a message, one more to mark its outbox row."""
 
@@ -112,6 +116,13 @@ class Store:
             )
             session.add(outbox)
         return outbox
+
+    async def handle(self, message_id: str, correlation_id: str, cmd: SendEmail, publish: Publish) -> None:
+        """The whole job of one message: record it, publish its outcome through FastStream, mark it."""
+        outbox = await self.record(message_id, correlation_id, cmd)
+        if outbox is not None:
+            await publish(outbox, correlation_id, {"event-type": EMAIL_SENT, "message-id": message_id})
+            await self.mark_published(outbox)
 
     async def mark_published(self, outbox: Outbox) -> None:
         """The outbox row was published."""

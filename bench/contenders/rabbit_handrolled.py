@@ -39,15 +39,14 @@ async def consume(url: str, queue_name: str, n: int, prefetch: int, max_seconds:
             message_id: str = Context("message.message_id"),
             correlation_id: str = Context("message.correlation_id"),
         ) -> None:
-            outbox = await store.record(message_id, correlation_id, cmd)
-            if outbox is not None:
-                await outcomes.publish(
-                    outbox.payload,
-                    message_id=outbox.event_id,
-                    correlation_id=correlation_id,
-                    headers={"event-type": EMAIL_SENT, "message-id": message_id},
-                )
-                await store.mark_published(outbox)
+            await store.handle(
+                message_id,
+                correlation_id,
+                cmd,
+                lambda row, corr, headers: outcomes.publish(
+                    row.payload, message_id=row.event_id, correlation_id=corr, headers=headers
+                ),
+            )
             if meter.tick():
                 done.set()
 

@@ -17,7 +17,7 @@ from faststream import Context
 from faststream.redis import RedisBroker, StreamSub
 
 from bench import loops
-from bench.contenders.handrolled import EMAIL_SENT, REDIS_STREAM, fresh_store
+from bench.contenders.handrolled import REDIS_STREAM, fresh_store
 from bench.contenders.meter import Meter, arguments, write
 from schemas import SendEmail
 
@@ -37,14 +37,12 @@ async def consume(url: str, stream: str, group: str, n: int, count: int, max_sec
             message_id: str = Context("message.message_id"),
             correlation_id: str = Context("message.correlation_id"),
         ) -> None:
-            outbox = await store.record(message_id, correlation_id, cmd)
-            if outbox is not None:
-                await outcomes.publish(
-                    outbox.payload,
-                    correlation_id=correlation_id,
-                    headers={"event-type": EMAIL_SENT, "message-id": message_id},
-                )
-                await store.mark_published(outbox)
+            await store.handle(
+                message_id,
+                correlation_id,
+                cmd,
+                lambda row, corr, headers: outcomes.publish(row.payload, correlation_id=corr, headers=headers),
+            )
             if meter.tick():
                 done.set()
 
