@@ -67,6 +67,8 @@ class Breaker:
 
     async def acquire(self) -> None:
         """Wait until a message may use the dependency."""
+        if self.state is State.CLOSED:  # the common case: nothing to wait for, nothing to change
+            return
         cond = self._cond
         async with cond:
             while True:
@@ -85,6 +87,8 @@ class Breaker:
 
     async def success(self) -> None:
         """The dependency answered: close."""
+        if self.state is State.CLOSED and not self.failures:  # nothing changes, and nobody waits while closed
+            return
         async with self._cond:
             self.failures = 0
             if self.state is State.HALF_OPEN:
