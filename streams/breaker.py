@@ -46,6 +46,11 @@ class Breaker:
         metrics.BREAKER_STATE.labels(name).set(self.state)
 
     @property
+    def closed(self) -> bool:
+        """True while messages use the dependency freely."""
+        return self.state is State.CLOSED
+
+    @property
     def _cond(self) -> asyncio.Condition:
         loop = asyncio.get_running_loop()
         if self._changed is None or self._loop is not loop:
@@ -67,7 +72,7 @@ class Breaker:
 
     async def acquire(self) -> None:
         """Wait until a message may use the dependency."""
-        if self.state is State.CLOSED:  # the common case: nothing to wait for, nothing to change
+        if self.closed:  # the common case: nothing to wait for, nothing to change
             return
         cond = self._cond
         async with cond:
@@ -87,7 +92,7 @@ class Breaker:
 
     async def success(self) -> None:
         """The dependency answered: close."""
-        if self.state is State.CLOSED and not self.failures:  # nothing changes, and nobody waits while closed
+        if self.closed and not self.failures:  # nothing changes, and nobody waits while closed
             return
         async with self._cond:
             self.failures = 0
