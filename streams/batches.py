@@ -108,7 +108,6 @@ class InFlight:
 
 async def run_batch(
     pipeline: Pipeline,
-    flow: Flow[Any],
     batch: Batch,
     commands: list[Message],
     run_one: Callable[[Delivery, Message], Awaitable[None]],

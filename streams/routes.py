@@ -53,7 +53,7 @@ def batch_function(pipeline: Pipeline, flow: Flow[Any], outlet: RedisOutlet, in_
             ctx = delivery.envelope.context
             await pipeline.run(delivery, flow, cmd, lambda: flow.handler(cmd, ctx, dependency))
 
-        await run_batch(pipeline, flow, current_batch(), cmds, run_one, outlet, in_flight, hold)
+        await run_batch(pipeline, current_batch(), cmds, run_one, outlet, in_flight, hold)
 
     handle.__annotations__ = {
         "cmds": list[flow.command],  # type: ignore[name-defined]  # the flow's model, known at run time
