@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import logging.config
 import re
 import sys
 from collections.abc import Callable
@@ -165,12 +166,16 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
             ],
         )
     )
-    root.handlers[:] = [handler]
-    # FastStream and uvicorn log through their own handlers; send them through ours instead.
-    for name in _STDLIB_ROUTED:
-        lg = logging.getLogger(name)
-        lg.handlers[:] = []
-        lg.propagate = True
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "handlers": {"pipeline": {"()": lambda: handler}},
+            "root": {"level": logging.getLevelName(threshold), "handlers": ["pipeline"]},
+            # FastStream and uvicorn log through their own handlers; send them through ours instead.
+            "loggers": {name: {"handlers": [], "propagate": True} for name in _STDLIB_ROUTED},
+        }
+    )
 
 
 def get_logger(name: str) -> Logger:
