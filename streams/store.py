@@ -171,6 +171,8 @@ class EventStore:
         self._sqlite_path: str | None = None
         self._sqlite: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None
+        self._write_lock: asyncio.Lock | None = None
+        self._write_lock_loop: asyncio.AbstractEventLoop | None = None
         self.analyzer: Analyzer | None = None
         self._pg_pool: asyncpg.Pool | None = None
         self._pg_opening = asyncio.Lock()
@@ -259,20 +261,29 @@ class EventStore:
         if not transaction:
             yield SqliteStatements(db)
             return
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: reads then writes cannot deadlock
-        try:
-            yield SqliteStatements(db)
-            # Inside: a COMMIT that fails (the disk full) would leave the transaction open, and
-            # every later BEGIN would fail until the worker restarted.
-            db.execute("COMMIT")
-        except BaseException:
-            self._rollback(db)
-            raise
-        checkpointer = self._checkpointer
-        if checkpointer is not None and checkpointer.rewind.is_set():
-            checkpointer.rewind.clear()
-            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            checkpointer.rewinds += 0 if busy else 1
+        async with self._sqlite_writer():
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: reads then writes cannot deadlock
+            try:
+                yield SqliteStatements(db)
+                # Inside: a COMMIT that fails (the disk full) would leave the transaction open, and
+                # every later BEGIN would fail until the worker restarted.
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback(db)
+                raise
+            checkpointer = self._checkpointer
+            if checkpointer is not None and checkpointer.rewind.is_set():
+                checkpointer.rewind.clear()
+                # Another thread empties the WAL while this process's writers wait (here, holding the
+                # lock): the loop runs on, and commits queue up into the next batch.
+                await asyncio.to_thread(checkpointer.truncate)
+
+    def _sqlite_writer(self) -> asyncio.Lock:
+        """One write transaction at a time on the SQLite connection, and none while the WAL is emptied."""
+        loop = asyncio.get_running_loop()
+        if self._write_lock is None or self._write_lock_loop is not loop:
+            self._write_lock, self._write_lock_loop = asyncio.Lock(), loop
+        return self._write_lock
 
     async def _pg(self) -> asyncpg.Pool:
         """The hot path's own asyncpg pool (made on first use, on the running loop).
@@ -685,10 +696,12 @@ class Checkpointer:
     blocking writers or readers. Under a steady stream of commits that is not enough: the WAL is
     only rewound by a writer that finds every frame copied, and a new commit has always landed by
     then, so the WAL (and the WAL index every connection maps) grows for as long as the load lasts.
-    So once the WAL outgrows `WAL_RESET_BYTES` the thread asks the store (`rewind`), whose next
-    commit, on the loop, ends with a TRUNCATE checkpoint: it copies the little the passive ones
-    left and empties the WAL. Done by the writer itself, between its transactions: a checkpoint
-    that must wait for the writer lock from another thread starves under a steady stream of commits.
+    So once the WAL outgrows `WAL_RESET_BYTES` the thread asks the store (`rewind`), whose writer,
+    after its next commit, has `truncate` run in a worker thread while it waits: a TRUNCATE
+    checkpoint copies the little the passive ones left and empties the WAL. The writer waits (the
+    event loop does not) because a checkpoint that must win the writer lock from a steady stream of
+    commits starves, and one run on the loop itself would stop the loop while it waits for a
+    passive checkpoint or a reader (5 s a commit, for minutes, in a soak).
     """
 
     def __init__(self, path: str, *, interval: float | None = None) -> None:
@@ -696,7 +709,7 @@ class Checkpointer:
         self.interval = CHECKPOINT_SECONDS if interval is None else interval
         self.checkpoints = 0
         self.rewind = threading.Event()  # the WAL outgrew its bound: the writer should empty it
-        self.rewinds = 0  # TRUNCATE checkpoints the writer ran that emptied the WAL
+        self.rewinds = 0  # TRUNCATE checkpoints that emptied the WAL
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
 
@@ -708,6 +721,25 @@ class Checkpointer:
         """Stop after one last checkpoint (blocking: call it from a thread)."""
         self._stop.set()
         self._thread.join()
+
+    def truncate(self) -> bool:
+        """Empty the WAL (a TRUNCATE checkpoint on a connection of its own); False when it stayed busy.
+
+        Blocking, up to the busy timeout: call it from a thread, with this process's writers held back.
+        """
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            _sqlite_pragmas(db, None)
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            log.warning("sqlite WAL not emptied yet", error=repr(exc))
+            return False
+        finally:
+            db.close()
+        if busy:
+            return False
+        self.rewinds += 1
+        return True
 
     def _run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
