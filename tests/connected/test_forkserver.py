@@ -13,7 +13,7 @@ import pytest
 
 from streams import names
 from tests.chaos.infra import child_pids
-from tests.connected.conftest import RabbitProbe, Worker, start_worker, wait_ready, wait_until
+from tests.connected.conftest import RabbitProbe, Worker, clean_slate, start_worker, wait_ready, wait_until
 from tests.connected.harness import email
 
 
@@ -39,6 +39,7 @@ async def _child(worker: Worker) -> int:
 async def test_a_killed_worker_is_forked_again_and_serves(
     services: None, tmp_path: Path, rabbit_probe: RabbitProbe
 ) -> None:
+    await clean_slate()  # no earlier test's leftovers queued in front of the message below
     worker = start_worker(tmp_path, {"PIPELINE_LOG_FORMAT": "json"}, forkserver=True)
     try:
         await wait_ready(worker)
@@ -64,7 +65,7 @@ async def test_a_killed_worker_is_forked_again_and_serves(
         assert died["started"] is True, "it had been consuming: replaced at once"
 
         mid = await rabbit_probe.publish("email", email())
-        await rabbit_probe.wait_event(names.EMAIL_SENT, mid)
+        await rabbit_probe.wait_event(names.EMAIL_SENT, mid, timeout=30)
 
         consumers = [str(s["consumer"]) for s in _startups(worker)]
         assert len(consumers) == 2
