@@ -214,7 +214,10 @@ async def test_another_workers_orphaned_rows_are_relayed_once(store: EventStore)
 
 
 async def test_background_relay_delivers_through_an_outage(store: EventStore) -> None:
-    """The started relay keeps retrying while the broker is down, then delivers everything once, in order."""
+    """The started relay keeps retrying while the broker is down, then delivers everything, in order.
+
+    At least once: a batch whose publish raised may have reached the broker in part and goes out
+    again (consumers dedupe on the event id), so the order is of first deliveries."""
     broker = FakeBroker(down_for=range(1, 6))
     relay = Relay(store, broker.outlets(), interval=0.01)
     relay.start()
@@ -229,7 +232,7 @@ async def test_background_relay_delivers_through_an_outage(store: EventStore) ->
     finally:
         await relay.stop()
     assert broker.attempts > 5
-    assert broker.event_ids == ids
+    assert list(dict.fromkeys(broker.event_ids)) == ids
 
 
 async def test_stop_during_an_outage_stops_and_keeps_the_rows(store: EventStore) -> None:
