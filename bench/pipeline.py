@@ -72,7 +72,7 @@ def asyncpg_url(admin_url: str, database: str) -> str:
 
 async def fresh_store(kind: str, cfg: BenchConfig, scratch: Path) -> Store:
     """A new, migrated, empty store of that kind (`sqlite` or `postgres`)."""
-    from streams import schema  # noqa: PLC0415 - the project is imported only where it is used
+    from streams.eventstore import schema  # noqa: PLC0415 - the project is imported only where it is used
 
     if kind == "sqlite":
         path = scratch / f"bench-{uuid.uuid4().hex[:8]}.db"
@@ -205,7 +205,7 @@ def start_worker(cfg: BenchConfig, env: dict[str, str], scratch: Path, name: str
 
 async def declare_rabbit_topology(rabbit_url: str) -> None:
     """The pipeline's own declarations (exchanges, command, dead-letter and delay queues)."""
-    from streams import topology  # noqa: PLC0415
+    from streams.transport import topology  # noqa: PLC0415
 
     broker = RabbitBroker(rabbit_url)
     await broker.connect()
@@ -572,7 +572,7 @@ async def _await_all(sent: dict[str, float], arrived: dict[str, float], within: 
 
 def worker_prefetch() -> int:
     """The RabbitMQ prefetch the bench's workers run with (their default, or BENCH_PIPELINE_RABBIT_PREFETCH)."""
-    from streams.settings import Settings  # noqa: PLC0415 - the project is imported only where it is used
+    from streams.core.settings import Settings  # noqa: PLC0415 - the project is imported only where it is used
 
     default = int(Settings.model_fields["rabbit_prefetch"].default)
     return int(os.environ.get("BENCH_PIPELINE_RABBIT_PREFETCH", default))

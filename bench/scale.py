@@ -1,7 +1,7 @@
 """`make bench-scale`: throughput with 1, 2 and 3 workers; append rate on a 1M-event store; rebuild time.
 
 Several workers share one PostgreSQL store (several workers on one SQLite file are not a
-supported deployment). The store figures use `streams.store.EventStore` and `Commit` directly,
+supported deployment). The store figures use `streams.eventstore.store.EventStore` and `Commit` directly,
 in this process, on a store preloaded with bulk INSERTs (not through commits).
 """
 
@@ -153,7 +153,7 @@ def _fast_sqlite(dbapi_conn: Any, _: Any) -> None:
 
 async def preload_store(url: str, count: int, tables: tuple[str, ...]) -> float:
     """Bulk INSERT `count` sent e-mails into the tables (executemany, big chunks); returns seconds."""
-    from streams import tables as schema_tables  # noqa: PLC0415
+    from streams.eventstore import tables as schema_tables  # noqa: PLC0415
 
     engine = create_async_engine(url)
     if engine.dialect.name == "sqlite":
@@ -181,8 +181,8 @@ async def preload_store(url: str, count: int, tables: tuple[str, ...]) -> float:
 def commits(m: int, tag: str) -> Iterator[Any]:
     """m commits as the pipeline makes them for `SendEmail`: one `EmailSent`, inbox entry, outbox row."""
     from schemas import EmailSent  # noqa: PLC0415
-    from streams.envelope import Envelope  # noqa: PLC0415
-    from streams.store import Commit  # noqa: PLC0415
+    from streams.core.envelope import Envelope  # noqa: PLC0415
+    from streams.eventstore.store import Commit  # noqa: PLC0415
 
     for i in range(m):
         mid = f"app-{tag}-{i}"
@@ -207,8 +207,8 @@ class AppendSample:
 
 async def append_trial(url: str, backend: str, label: str, m: int, concurrency: int, round_no: int) -> AppendSample:
     """Time m commits through `EventStore.commit` from `concurrency` concurrent tasks (group commit on)."""
-    from streams.store import EventStore  # noqa: PLC0415
-    from streams.tables import events  # noqa: PLC0415
+    from streams.eventstore.store import EventStore  # noqa: PLC0415
+    from streams.eventstore.tables import events  # noqa: PLC0415
 
     store = EventStore(url, owner="bench")
     await store.start(create=False)
@@ -254,8 +254,8 @@ class RebuildSample:
 
 
 async def rebuild_direct(url: str) -> tuple[float, int]:
-    """`streams.projections.rebuild(engine)` in this process; (seconds, events read)."""
-    from streams import projections  # noqa: PLC0415
+    """`streams.eventstore.projections.rebuild(engine)` in this process; (seconds, events read)."""
+    from streams.eventstore import projections  # noqa: PLC0415
 
     engine: AsyncEngine = create_async_engine(url)
     try:

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
 from bench.procstat import cpu_seconds, status_kb
-from streams import names
+from streams.core import names
 from tests.chaos.load import FLOW_QUEUE, SUCCESS, TERMINAL, Publisher, make_command
 from tests.connected.conftest import free_port
 

@@ -22,22 +22,25 @@ from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 
-from streams import health, metrics, schema, topology
-from streams.batches import IN_FLIGHT
-from streams.deps import ADAPTERS, Adapters, install
-from streams.groups import group_keeping_connection
-from streams.keepalive import PendingKeepalive
-from streams.logging import configure_logging, get_logger
-from streams.middleware import make_middleware
-from streams.outlets import RabbitOutlet, RedisOutlet
-from streams.pipeline import Pipeline
-from streams.publishers import declare_publishers
-from streams.routes import register
-from streams.scheduler import Mover
-from streams.settings import get_settings, mask_url
-from streams.store import EventStore
-from streams.suspects import CrashLedger
-from streams.watchdog import ShutdownWatchdog
+from streams.consume.batches import IN_FLIGHT
+from streams.consume.middleware import make_middleware
+from streams.consume.pipeline import Pipeline
+from streams.consume.routes import register
+from streams.core import metrics
+from streams.core.logging import configure_logging, get_logger
+from streams.core.settings import get_settings, mask_url
+from streams.eventstore import schema
+from streams.eventstore.store import EventStore
+from streams.flows.deps import ADAPTERS, Adapters, install
+from streams.ops import health
+from streams.ops.watchdog import ShutdownWatchdog
+from streams.policy.suspects import CrashLedger
+from streams.transport import topology
+from streams.transport.groups import group_keeping_connection
+from streams.transport.keepalive import PendingKeepalive
+from streams.transport.outlets import RabbitOutlet, RedisOutlet
+from streams.transport.publishers import declare_publishers
+from streams.transport.scheduler import Mover
 
 settings = get_settings()
 configure_logging(settings.log_level, settings.log_format)
@@ -51,7 +54,7 @@ def consumer_name() -> str:
 
 CONSUMER = consumer_name()  # renewed at start-up: a worker forked from this process is another owner
 # The Redis consumer name every worker reads under (the AsyncAPI document shows it): what a worker
-# holds is kept its own by id (streams.keepalive), so workers need no names of their own.
+# holds is kept its own by id (streams.transport.keepalive), so workers need no names of their own.
 REDIS_CONSUMER = settings.consumer_name or "worker"
 store = EventStore(
     settings.database_url,

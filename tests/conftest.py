@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from streams.envelope import Envelope
+from streams.core.envelope import Envelope
 
 # The app reads its settings once, at import: point it at a scratch database first.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="pipeline-tests-"))

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from streams.core.settings import Settings, get_settings, mask_url
 from streams.deadletters import printable, redact
-from streams.settings import Settings, get_settings, mask_url
 
 EXIT_UNAVAILABLE = 1  # a database or broker unreachable, or refused what was asked
 EXIT_NOT_FOUND = 1

@@ -19,8 +19,8 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from streams import schema
-from streams.settings import get_settings, mask_url
+from streams.core.settings import get_settings, mask_url
+from streams.eventstore import schema
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2

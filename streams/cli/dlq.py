@@ -31,8 +31,8 @@ from streams.cli.common import (
     render,
 )
 from streams.cli.dlq_view import describe, letter_line, letters_table, purge_description
+from streams.core.settings import Settings, mask_url
 from streams.deadletters import DeadLetter, PurgePlan, Selection
-from streams.settings import Settings, mask_url
 
 T = TypeVar("T")
 

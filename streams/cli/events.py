@@ -19,8 +19,8 @@ import typer
 
 from streams.cli.common import load_settings, safe, timestamp
 from streams.cli.readstore import open_event_store, run_store
-from streams.store import StoredEvent
-from streams.tables import events as events_table
+from streams.eventstore.store import StoredEvent
+from streams.eventstore.tables import events as events_table
 
 PAGE = 1000  # events per read
 # Widths that line up the usual ids (`completion-<uuid4>`) and the longest event type.

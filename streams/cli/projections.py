@@ -16,12 +16,12 @@ import typer
 from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from streams import projections
 from streams.cli.common import load_settings, plural, safe
 from streams.cli.readstore import open_event_store, run_store
-from streams.projections import EmailState, Recorded, TaskState
-from streams.store import EventStore
-from streams.tables import email_log, events, task_status
+from streams.eventstore import projections
+from streams.eventstore.projections import EmailState, Recorded, TaskState
+from streams.eventstore.store import EventStore
+from streams.eventstore.tables import email_log, events, task_status
 
 app = typer.Typer(help="Projections: folds over the event log, kept live by the workers.", no_args_is_help=True)
 

@@ -16,8 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from streams import deadletters
 from streams.cli.common import EXIT_UNAVAILABLE, fail
-from streams.settings import mask_url
-from streams.store import EventStore
+from streams.core.settings import mask_url
+from streams.eventstore.store import EventStore
 
 T = TypeVar("T")
 HOW_TO_CREATE = "the worker creates {what} when it starts, or run `pipeline db upgrade`"

@@ -23,7 +23,6 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from schemas import Command, RequestCompletion, SendEmail
-from streams import names
 from streams.cli.common import (
     DEFAULT_TIMEOUT,
     EXIT_INVALID,
@@ -34,7 +33,8 @@ from streams.cli.common import (
     one_line,
     quiet_client_logs,
 )
-from streams.settings import Settings, mask_url
+from streams.core import names
+from streams.core.settings import Settings, mask_url
 
 CONTENT_TYPE = "application/json"
 _ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII: fits AMQP shortstr and any header

@@ -10,9 +10,9 @@ import typer
 from streams.cli.common import EXIT_NOT_FOUND, fail, load_settings, mask_url, plural, safe
 from streams.cli.events import event_line
 from streams.cli.readstore import open_event_store, run_store
-from streams.projections import TaskState
-from streams.store import StoredEvent
-from streams.tables import events, task_status
+from streams.eventstore.projections import TaskState
+from streams.eventstore.store import StoredEvent
+from streams.eventstore.tables import events, task_status
 
 app = typer.Typer(
     help="Completion tasks, as the event store's `task_status` projection has them.", no_args_is_help=True

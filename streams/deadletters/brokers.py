@@ -11,9 +11,9 @@ import aiormq
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from streams.core.settings import mask_url
 from streams.deadletters.model import BrokerError, DeadLetter, DeadLetterError, reason
 from streams.deadletters.replays import Publish, rabbit_replay, redis_entry
-from streams.settings import mask_url
 
 
 class BrokerPublisher:

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy import Select
 
-from streams import names
-from streams.tables import dead_letters
+from streams.core import names
+from streams.eventstore.tables import dead_letters
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<password>[^@\s/]+)@")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")

@@ -13,10 +13,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from streams.core.settings import mask_url
 from streams.deadletters.model import DeadLetter, PurgeGroup, PurgePlan, Selection, StoreError, reason
-from streams.settings import mask_url
-from streams.store import EventStore
-from streams.tables import dead_letters
+from streams.eventstore.store import EventStore
+from streams.eventstore.tables import dead_letters
 
 
 def missing_sqlite_file(url: str) -> Path | None:

@@ -16,7 +16,7 @@ from typing import Any
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from streams import names
+from streams.core import names
 from streams.deadletters.model import DeadLetter, decode_fields
 from streams.deadletters.queries import mark_replayed
 

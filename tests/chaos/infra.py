@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from streams import schema
+from streams.eventstore import schema
 from tests.connected.conftest import Worker, start_worker
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -71,7 +71,7 @@ def child_pids(pid: int) -> list[int]:
 class Supervisor:
     """Keeps `size` workers alive: a worker that dies is restarted `restart_delay` s later, forever.
 
-    With `forkserver`, each slot runs `python -m streams.forkserver`, which replaces its own dead
+    With `forkserver`, each slot runs `python -m streams.ops.forkserver`, which replaces its own dead
     worker (a forked child) at once; the supervisor then reads the deaths from its log, kills the
     child rather than the parent, and restarts only a parent that exited.
     """

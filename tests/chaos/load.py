@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 from redis.exceptions import RedisError
 
-from streams import names
+from streams.core import names
 
 FLOW_QUEUE = {"email": names.EMAIL_QUEUE, "completion": names.COMPLETION_QUEUE}
 SUCCESS = {"email": names.EMAIL_SENT, "completion": names.COMPLETION_SUCCEEDED}

@@ -25,7 +25,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
-from streams import names, scheduler
+from streams.core import names
+from streams.transport import scheduler
 from tests.chaos.infra import Supervisor, Timeline, fresh_postgres, plain_pg
 from tests.chaos.load import FLOW_QUEUE, SUCCESS, Command, Observer, Publisher, make_command
 from tests.connected.conftest import wait_ready
@@ -61,13 +62,13 @@ class ChaosConfig:
     outage_seconds: float = 10.0
     window: float = 10.0  # seconds of the sliding window for throughput
     recovery_limit: float = 60.0
-    delivery_limit: int = 3  # a poison message costs three worker deaths (streams.suspects)
+    delivery_limit: int = 3  # a poison message costs three worker deaths (streams.policy.suspects)
     prefetch: int = 64
     redis_read_count: int = 64
     redis_max_workers: int = 16
     quiesce_timeout: float = 900.0
     named_per_point: int = 4  # marked messages per crash point and round
-    # Workers under `python -m streams.forkserver`, which replaces a dead worker by a fork of a warm
+    # Workers under `python -m streams.ops.forkserver`, which replaces a dead worker by a fork of a warm
     # parent; off: `faststream run`, restarted by the supervisor (a full interpreter start).
     forkserver: bool = True
 

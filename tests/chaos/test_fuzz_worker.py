@@ -23,7 +23,7 @@ from faststream.redis.parser.binary import BinaryMessageFormatV1
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from streams import names
+from streams.core import names
 from tests.chaos.infra import fresh_postgres, plain_pg
 from tests.connected.conftest import start_worker, wait_ready, wait_until
 from tests.connected.rabbitserver import RabbitServer

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.settings import Settings, mask_url
+from streams.core.settings import Settings, mask_url
 
 SECRET = "s3cr3t-tls"
 

@@ -98,7 +98,7 @@ def start_worker(
             [
                 sys.executable,
                 "-m",
-                *(["streams.forkserver"] if forkserver else ["faststream", "run", "streams.app:app"]),
+                *(["streams.ops.forkserver"] if forkserver else ["faststream", "run", "streams.app:app"]),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -336,7 +336,8 @@ async def workers(services: None, scratch_dir: Path, mail_server: Any) -> AsyncI
 async def clean_slate() -> None:
     """Empty the shared command queues, delay levels and streams, so no earlier test's leftovers
     (a retry coming due, a killed worker's pending entry) reach this test's fresh store."""
-    from streams import names, scheduler, topology
+    from streams.core import names
+    from streams.transport import scheduler, topology
 
     conn = await aio_pika.connect(RABBIT_URL)
     try:

@@ -12,7 +12,7 @@ from faststream.redis.parser.binary import BinaryMessageFormatV1
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from streams import names
+from streams.core import names
 from tests.connected.conftest import RabbitProbe, RedisProbe, Worker, start_worker, wait_ready
 
 FAST_RETRY = {

@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
 from schemas import RequestCompletion, SendEmail
-from streams import names
 from streams.cli import send
+from streams.core import names
 
 pytestmark = pytest.mark.connected
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from streams.envelope import Envelope
-from streams.suspects import TTL_SECONDS, CrashLedger, ledger_key
+from streams.core.envelope import Envelope
+from streams.policy.suspects import TTL_SECONDS, CrashLedger, ledger_key
 from tests.connected.conftest import REDIS_URL
 
 

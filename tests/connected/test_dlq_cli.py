@@ -22,11 +22,12 @@ from faststream.redis.parser.binary import BinaryMessageFormatV1
 
 from handlers.errors import TransientError
 from schemas import FailureKind
-from streams import deadletters, names
+from streams import deadletters
+from streams.core import names
+from streams.core.envelope import Envelope
 from streams.deadletters import DeadLetter
-from streams.envelope import Envelope
-from streams.failures import Failure
-from streams.store import EventStore
+from streams.eventstore.store import EventStore
+from streams.policy.failures import Failure
 from tests.conftest import require
 
 pytestmark = pytest.mark.connected

@@ -1,4 +1,4 @@
-"""`python -m streams.forkserver`: a worker that dies is replaced by a fork of the warm parent."""
+"""`python -m streams.ops.forkserver`: a worker that dies is replaced by a fork of the warm parent."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streams import names
+from streams.core import names
 from tests.chaos.infra import child_pids
 from tests.connected.conftest import RabbitProbe, Worker, clean_slate, start_worker, wait_ready, wait_until
 from tests.connected.harness import email

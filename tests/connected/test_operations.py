@@ -14,7 +14,7 @@ import httpx
 import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
-from streams import names
+from streams.core import names
 from tests.connected.conftest import RabbitProbe, RedisProbe, Worker, wait_until
 from tests.connected.harness import Bus, Workers, email
 from tests.connected.rabbitserver import RabbitServer

@@ -13,9 +13,9 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
-from streams import names
-from streams.outlets import RabbitOutlet
-from streams.store import PendingEvent
+from streams.core import names
+from streams.eventstore.store import PendingEvent
+from streams.transport.outlets import RabbitOutlet
 from tests.connected.conftest import RABBIT_URL
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from streams import names
+from streams.core import names
 from tests.connected.conftest import RedisProbe, wait_until
 from tests.connected.harness import Bus, Workers, email
 from tests.connected.redisserver import RedisServer

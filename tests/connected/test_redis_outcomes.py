@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 from redis.exceptions import ResponseError
 
-from streams import names
-from streams.outlets import RedisOutlet, ascii_header
-from streams.store import PendingEvent
+from streams.core import names
+from streams.eventstore.store import PendingEvent
+from streams.transport.outlets import RedisOutlet, ascii_header
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 
-from streams import names
+from streams.core import names
 from tests.connected.conftest import RabbitProbe, RedisProbe, Worker
 
 EMAIL = {"to": "ada@example.com", "subject": "Welcome", "body": "Hello Ada"}

@@ -1,4 +1,4 @@
-"""Schema migrations on a real PostgreSQL: a throwaway database per test, upgraded to exactly `streams.tables`."""
+"""Schema migrations on a real PostgreSQL: a throwaway database per test, upgraded to exactly the tables module."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, ins
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from streams import schema
-from streams.schema import HEAD, SchemaOutdatedError
-from streams.tables import events, metadata
+from streams.eventstore import schema
+from streams.eventstore.schema import HEAD, SchemaOutdatedError
+from streams.eventstore.tables import events, metadata
 from tests.conftest import require
 
 pytestmark = pytest.mark.connected

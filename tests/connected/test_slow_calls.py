@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from streams import names
+from streams.core import names
 from tests.connected.conftest import wait_until
 from tests.connected.harness import Bus, Workers, email
 from tests.httpserver import ScriptedResponse

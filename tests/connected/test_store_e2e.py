@@ -17,7 +17,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from streams import names, schema
+from streams.core import names
+from streams.eventstore import schema
 from tests.conftest import require
 from tests.connected.conftest import wait_until
 from tests.connected.harness import Bus, Workers, email

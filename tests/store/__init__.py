@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import EmailSent, Event, FailureKind
-from streams.envelope import Envelope, Transport
-from streams.failures import Failure
-from streams.store import Commit
-from streams.tables import email_log, task_status
+from streams.core.envelope import Envelope, Transport
+from streams.eventstore.store import Commit
+from streams.eventstore.tables import email_log, task_status
+from streams.policy.failures import Failure
 
 
 def new_id(prefix: str = "m") -> str:

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
-from streams.store import EventStore
-from streams.tables import metadata
+from streams.eventstore.store import EventStore
+from streams.eventstore.tables import metadata
 from tests.conftest import require
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"

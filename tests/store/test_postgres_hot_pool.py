@@ -8,7 +8,7 @@ import contextlib
 import asyncpg
 import pytest
 
-from streams.store import EventStore, Outcome
+from streams.eventstore.store import EventStore, Outcome
 from tests.store import sent
 from tests.store.conftest import PG_ADMIN_DSN
 

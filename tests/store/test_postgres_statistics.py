@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from streams import store as store_module
-from streams.store import EventStore, Outcome
+from streams.eventstore import store as store_module
+from streams.eventstore.store import EventStore, Outcome
 from tests.store import sent
 
 pytestmark = pytest.mark.connected

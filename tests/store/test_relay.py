@@ -12,11 +12,11 @@ import pytest
 from faststream.message import StreamMessage
 from sqlalchemy import select, update
 
-from streams import store as store_module
-from streams.envelope import Envelope, Transport
-from streams.relay import EventPublisher, Relay
-from streams.store import Commit, ConcurrencyError, EventStore, PendingEvent
-from streams.tables import outbox
+from streams.core.envelope import Envelope, Transport
+from streams.eventstore import store as store_module
+from streams.eventstore.relay import EventPublisher, Relay
+from streams.eventstore.store import Commit, ConcurrencyError, EventStore, PendingEvent
+from streams.eventstore.tables import outbox
 from tests.store import envelope, new_id, sent
 
 WAIT = 10.0  # seconds: a safety bound on conditions, never an expectation of speed

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from streams.store import EventStore
+from streams.eventstore.store import EventStore
 from tests.store import sent
 
 
@@ -61,7 +61,7 @@ async def test_the_wal_is_rewound_under_a_steady_stream_of_commits(
     """Commits that never pause leave no moment for a passive checkpoint to rewind the WAL: once it
     outgrows its bound the writer empties it (TRUNCATE), so it stays near that bound instead of
     growing with the load (44 MB/s at 800 msg/s, and the WAL index every connection maps with it)."""
-    import streams.store as store_module
+    import streams.eventstore.store as store_module
 
     bound = 1024 * 1024
     monkeypatch.setattr(store_module, "WAL_RESET_BYTES", bound)

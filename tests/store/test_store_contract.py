@@ -27,11 +27,11 @@ from schemas import (
     RetryScheduled,
     SendEmail,
 )
-from streams import projections
-from streams.envelope import Envelope
-from streams.failures import Failure
-from streams.store import Commit, Committed, ConcurrencyError, EventStore, Outcome, StoredEvent
-from streams.tables import dead_letters, events, outbox, task_status
+from streams.core.envelope import Envelope
+from streams.eventstore import projections
+from streams.eventstore.store import Commit, Committed, ConcurrencyError, EventStore, Outcome, StoredEvent
+from streams.eventstore.tables import dead_letters, events, outbox, task_status
+from streams.policy.failures import Failure
 from tests.store import email_sent, envelope, failure, new_id, projection_rows, sent
 
 # -- helpers --------------------------------------------------------------------------------

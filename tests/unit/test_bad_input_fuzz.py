@@ -36,10 +36,11 @@ from sqlalchemy import select
 
 from handlers.models import EchoModel
 from schemas import RequestCompletion, SendEmail
-from streams import names, topology
-from streams.deps import Adapters, install
-from streams.envelope import Envelope
-from streams.tables import dead_letters
+from streams.core import names
+from streams.core.envelope import Envelope
+from streams.eventstore.tables import dead_letters
+from streams.flows.deps import Adapters, install
+from streams.transport import topology
 from tests.conftest import CountingLedger, RecordingRedis
 from tests.unit.test_pipeline import FakeMailer
 

@@ -318,7 +318,7 @@ def test_chart_renders(tmp_path: Path) -> None:
 
 def test_profile_summary_from_collapsed_stacks() -> None:
     raw = [
-        "thread (1): MainThread;run (asyncio/base_events.py:1);commit (streams/store.py:10);"
+        "thread (1): MainThread;run (asyncio/base_events.py:1);commit (streams/eventstore/store.py:10);"
         "execute (sqlalchemy/x.py:2) 6",
         "thread (1): MainThread;run (asyncio/base_events.py:1);select (selectors.py:5);"
         "EpollSelector.select (selectors.py:468) 4",
@@ -329,7 +329,7 @@ def test_profile_summary_from_collapsed_stacks() -> None:
     assert sum(profile.busy().values()) == 8
     assert dict(profile.components()) == {"SQLAlchemy": 0.75, "aiosqlite + SQLite": 0.25}
     assert profile.loop_idle() == pytest.approx(0.4)
-    assert component(["f (asyncio/events.py:1)", "g (streams/pipeline.py:3)", "h (asyncio/x.py:1)"]).startswith(
+    assert component(["f (asyncio/events.py:1)", "g (streams/consume/pipeline.py:3)", "h (asyncio/x.py:1)"]).startswith(
         "pipeline code"
     )
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from streams.breaker import Breaker, State
+from streams.policy.breaker import Breaker, State
 
 
 def state_of(breaker: Breaker) -> State:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner, Result
 
 from schemas import Command, RequestCompletion, SendEmail
 from streams.cli import app, send
-from streams.settings import Settings, get_settings
+from streams.core.settings import Settings, get_settings
 
 runner = CliRunner()
 

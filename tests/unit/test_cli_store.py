@@ -30,11 +30,11 @@ from schemas import (
 )
 from streams.cli import app
 from streams.cli import events as events_cli
-from streams.envelope import Envelope
-from streams.projections import TaskState
-from streams.settings import get_settings
-from streams.store import Commit, EventStore
-from streams.tables import email_log, task_status
+from streams.core.envelope import Envelope
+from streams.core.settings import get_settings
+from streams.eventstore.projections import TaskState
+from streams.eventstore.store import Commit, EventStore
+from streams.eventstore.tables import email_log, task_status
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]

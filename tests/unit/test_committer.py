@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from streams.committer import GroupCommitter
+from streams.core.committer import GroupCommitter
 
 
 class GatedWrites:

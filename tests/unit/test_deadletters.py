@@ -15,12 +15,13 @@ from typer.testing import CliRunner, Result
 
 from handlers.errors import FatalError, TransientError
 from schemas import FailureKind
-from streams import cli, deadletters, names
+from streams import cli, deadletters
+from streams.core import names
+from streams.core.envelope import Envelope
+from streams.core.settings import get_settings
 from streams.deadletters import DeadLetter, Selection
-from streams.envelope import Envelope
-from streams.failures import Failure
-from streams.settings import get_settings
-from streams.store import EventStore
+from streams.eventstore.store import EventStore
+from streams.policy.failures import Failure
 
 runner = CliRunner()
 

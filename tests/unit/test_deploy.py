@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from streams.settings import Settings
+from streams.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -258,7 +258,7 @@ def _parse_promql(expr: str) -> tuple[set[str], set[str]]:
 def _exposed() -> dict[str, str]:
     """Metric families the app's registry exposes, name -> type, read from the exposition text."""
     import streams.app  # noqa: F401 - registers FastStream's metrics on the shared registry
-    from streams import metrics
+    from streams.core import metrics
 
     body, _ = metrics.render()
     return dict(re.findall(r"^# TYPE (\S+) (\S+)$", body.decode(), flags=re.MULTILINE))
@@ -639,12 +639,12 @@ def test_dashboard_shows_every_required_metric() -> None:
 @pytest.mark.parametrize("series", sorted(set(KNOWN_METRICS) - SYNTHETIC))
 def test_dashboard_metrics_are_exposed_by_the_app(series: str) -> None:
     """Each metric the dashboard may query is on the app's /metrics registry, with the labels assumed here."""
-    from streams import metrics
+    from streams.core import metrics
 
     exposed = _exposed()
     family = _family(series, exposed)
     if family not in exposed and series in NEWER:
-        pytest.skip(f"{series} is not exposed by streams.metrics yet (being added with the breaker and monitor)")
+        pytest.skip(f"{series} is not exposed by streams.core.metrics yet (being added with the breaker and monitor)")
     assert family in exposed, f"{series} is not exposed"
     collector = metrics.REGISTRY._names_to_collectors[series]
     assert set(getattr(collector, "_labelnames", ())) == KNOWN_METRICS[series] - {"le"}

@@ -18,10 +18,11 @@ from faststream.redis.parser.binary import BinaryMessageFormatV1
 from handlers.ports import CompletionModel
 from schemas import Event, FailureKind, MessageContext, RequestCompletion
 from schemas.base import Message
-from streams import names, topology
-from streams.deps import get_mailer, get_model
-from streams.flow import Flow
-from streams.store import EventStore
+from streams.core import names
+from streams.eventstore.store import EventStore
+from streams.flows.deps import get_mailer, get_model
+from streams.flows.flow import Flow
+from streams.transport import topology
 from tests.conftest import CountingLedger, RecordingRedis
 
 
@@ -82,7 +83,7 @@ class Recorder:
 @pytest.fixture
 async def app(app_store: EventStore, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
     from streams import app as module
-    from streams.routes import register
+    from streams.consume.routes import register
 
     if "rabbit:shout" not in module.subscribers:  # the app's own brokers, declared once a session
         module.subscribers.update(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from streams.logging import bind_message, configure_logging, get_logger, unbind_message
+from streams.core.logging import bind_message, configure_logging, get_logger, unbind_message
 
 
 class Stdout:

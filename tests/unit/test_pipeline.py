@@ -16,10 +16,11 @@ from faststream.redis.parser.binary import BinaryMessageFormatV1
 from handlers.errors import DeliveryRejectedError, DependencyUnavailableError
 from handlers.models import EchoModel
 from schemas import SendEmail
-from streams import names, topology
-from streams.deps import Adapters, install
-from streams.envelope import Envelope
-from streams.store import EventStore
+from streams.core import names
+from streams.core.envelope import Envelope
+from streams.eventstore.store import EventStore
+from streams.flows.deps import Adapters, install
+from streams.transport import topology
 from tests.conftest import CountingLedger, RecordingRedis
 
 EMAIL = {"to": "ada@example.com", "subject": "Welcome", "body": "Hello Ada"}

@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streams.watchdog import EXIT_CODE
+from streams.ops.watchdog import EXIT_CODE
 
 STUCK = """
 import asyncio
-from streams.watchdog import ShutdownWatchdog
+from streams.ops.watchdog import ShutdownWatchdog
 
 async def never_released():
     await asyncio.Event().wait()
@@ -27,7 +27,7 @@ asyncio.run(main())
 
 DONE = """
 import asyncio
-from streams.watchdog import ShutdownWatchdog
+from streams.ops.watchdog import ShutdownWatchdog
 
 async def main():
     dog = ShutdownWatchdog(deadline=0.5)
@@ -53,7 +53,7 @@ def test_a_shutdown_that_finishes_is_left_alone() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-CRASH = "from streams import faults; faults.crash_at('after_handler', b'xx MARK xx'); print('survived')"
+CRASH = "from streams.core import faults; faults.crash_at('after_handler', b'xx MARK xx'); print('survived')"
 
 
 def test_a_one_shot_crash_point_fires_once_across_processes(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_a_one_shot_crash_point_fires_once_across_processes(tmp_path: Path) -> N
 
 
 def test_forkserver_backs_off_only_while_the_worker_cannot_start() -> None:
-    from streams.forkserver import MAX_BACKOFF, next_backoff
+    from streams.ops.forkserver import MAX_BACKOFF, next_backoff
 
     assert next_backoff(True, 4.0) == 0.0, "a worker that consumed and died is replaced at once"
     delays = []

@@ -6,8 +6,8 @@ from __future__ import annotations
 from faststream.rabbit import TestRabbitBroker
 
 from schemas import SendEmail
-from streams.deps import get_mailer
-from streams.store import EventStore
+from streams.eventstore.store import EventStore
+from streams.flows.deps import get_mailer
 
 
 class FakeMailer:

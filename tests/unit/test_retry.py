@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streams import topology
-from streams.retry import RetryPolicy
-from streams.settings import Settings
+from streams.core.retry import RetryPolicy
+from streams.core.settings import Settings
+from streams.transport import topology
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""Schema migrations on a scratch SQLite file: upgrade makes exactly `streams.tables`, check, CLI."""
+"""Schema migrations on a scratch SQLite file: upgrade makes exactly `streams.eventstore.tables`, check, CLI."""
 
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner
 
 from handlers.errors import PipelineError
-from streams import schema
 from streams.cli.db import db_app
-from streams.schema import HEAD, SchemaOutdatedError
-from streams.settings import get_settings
-from streams.tables import events, metadata
+from streams.core.settings import get_settings
+from streams.eventstore import schema
+from streams.eventstore.schema import HEAD, SchemaOutdatedError
+from streams.eventstore.tables import events, metadata
 
 runner = CliRunner()
 SECRET_URL = "postgresql+asyncpg://u:secret@h/db"

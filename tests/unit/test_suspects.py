@@ -8,8 +8,8 @@ from typing import Any, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from streams.envelope import Envelope
-from streams.suspects import CrashLedger, Isolation, ledger_key
+from streams.core.envelope import Envelope
+from streams.policy.suspects import CrashLedger, Isolation, ledger_key
 
 
 async def test_suspect_waits_for_running_messages_and_runs_alone() -> None:
@@ -145,7 +145,7 @@ class RestartingRedis:
 
 async def test_a_decrement_refused_during_a_redis_restart_is_retried(monkeypatch: Any) -> None:
     """A run that ended while Redis restarted is uncounted once Redis is back, not left as a crash."""
-    import streams.suspects as suspects
+    import streams.policy.suspects as suspects
 
     monkeypatch.setattr(suspects, "RETRY_FIRST", 0.01)
     script = FlakyScript(failures=2)
