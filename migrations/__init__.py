@@ -1,1 +1,1 @@
-"""Alembic migrations of the event store (`pipeline db upgrade`; see `streams.schema`)."""
+"""Alembic migrations of the event store (`pipeline db upgrade`; see `streams.eventstore.schema`)."""

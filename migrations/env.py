@@ -1,6 +1,6 @@
-"""Alembic environment: async engines (aiosqlite, asyncpg), target `streams.tables.metadata`.
+"""Alembic environment: async engines (aiosqlite, asyncpg), target `streams.eventstore.tables.metadata`.
 
-`streams.schema` runs it on a connection it already holds (`config.attributes["connection"]`);
+`streams.eventstore.schema` runs it on a connection it already holds (`config.attributes["connection"]`);
 the `alembic` command line (see alembic.ini) gets here without one and opens its own engine
 on `config.attributes["url"]`, `sqlalchemy.url` or PIPELINE_DATABASE_URL, in that order.
 """
@@ -13,8 +13,8 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from streams.settings import get_settings
-from streams.tables import metadata
+from streams.core.settings import get_settings
+from streams.eventstore.tables import metadata
 
 config = context.config
 

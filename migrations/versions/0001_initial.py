@@ -1,12 +1,12 @@
-"""initial: event log, inbox, outbox, dead letters, projections (streams/tables.py)
+"""initial: event log, inbox, outbox, dead letters, projections (streams/eventstore/tables.py)
 
 Revision ID: 0001
 Revises:
 Create Date: 2025-11-28
 
 Databases from before migrations (tables made by `metadata.create_all`, no alembic_version)
-are adopted: only the missing tables are created, and `streams.schema` then requires the
-result to match `streams.tables` exactly.
+are adopted: only the missing tables are created, and `streams.eventstore.schema` then requires the
+result to match `streams.eventstore.tables` exactly.
 """
 
 from __future__ import annotations
