@@ -83,9 +83,9 @@ class Relay:
         """Committed: publish them soon, from memory.
 
         Not a kick: whoever committed publishes them now (`publish_committed`, a lane) or kicks
-        (`Pipeline.run`, a dead letter); waking the background relay as well cost a task wakeup,
-        a timeout and a turn of the lock a batch, to find nothing left. It wakes every `interval`
-        anyway."""
+        (`Pipeline.run`, a dead letter); waking the background relay as well would cost a task
+        wakeup, a timeout and a turn of the lock a batch, only to find nothing left. It wakes every
+        `interval` anyway."""
         self._ready.extend(rows)
 
     def abandon(self, rows: Sequence[PendingEvent]) -> None:
@@ -189,7 +189,7 @@ class Relay:
                     metrics.EVENTS_PUBLISHED.labels(transport, event_type).inc(count)
         finally:
             # Mark what went out even when a later run failed: it must not go out twice. In the
-            # next group commit: a transaction of its own a batch cost a BEGIN and a COMMIT.
+            # next group commit: a transaction of its own would cost each batch a BEGIN and a COMMIT.
             await self.store.mark_published_soon(done)
             self.published += len(done)
         return done

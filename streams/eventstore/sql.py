@@ -5,10 +5,9 @@
 to a rebuild, any other driver). `SqliteStatements` runs them on a plain `sqlite3` connection,
 inline on the event loop, and `AsyncpgStatements` on the asyncpg connection of SQLAlchemy's pool.
 SQLAlchemy's per-statement work (execution context, parameter processing, expanding IN, result
-rows) cost about 100 µs a statement, ten times the statement itself: a message's commit of ten
-statements took 790 µs of CPU, and `make bench` found the pipeline spending a third of its time
-there. On SQLite, values still go through SQLAlchemy's own bind processors for the column types
-(looked up once per table), so every driver stores the same values.
+rows) outweighs the statement itself, and every message runs several statements, so the hot path
+skips that layer where it can. On SQLite, values still go through SQLAlchemy's own bind processors
+for the column types (looked up once per table), so every driver stores the same values.
 """
 
 from __future__ import annotations
@@ -147,7 +146,7 @@ class CoreStatements:
 
 
 # Built once, with expanding parameters: an `in_(values)` built per call coerces every value into
-# its own bound parameter, about as costly per message as the INSERT itself.
+# its own bound parameter, again for every message.
 _IN_INBOX = select(inbox.c.consumer, inbox.c.message_id).where(
     # Both key columns, so the (consumer, message_id) primary key is used, not a table scan.
     inbox.c.consumer.in_(bindparam("consumers", expanding=True)),
@@ -264,7 +263,7 @@ class SqliteStatements:
 
 class AsyncpgStatements:
     """The statements on the asyncpg connection under SQLAlchemy's pooled one: SQLAlchemy's own
-    per-statement work cost as much CPU here as on SQLite, and PostgreSQL's IN lists become one
+    per-statement work weighs as much here as on SQLite, and PostgreSQL's IN lists become one
     array parameter (`= ANY($1)`), so a statement's text does not depend on how many keys it has."""
 
     __slots__ = ("db",)
@@ -346,7 +345,7 @@ class AsyncpgStatements:
 
 
 def json_dumps(value: Any) -> str:
-    """JSON columns written with orjson (several times faster than `json.dumps` per row)."""
+    """JSON columns written with orjson, which is faster than `json.dumps` on every row."""
     return orjson.dumps(value).decode()
 
 
@@ -374,7 +373,7 @@ class _Values:
     """How rows of one table, all with the same keys, become statement parameters: the values in
     column order (one C call a row), each encoded where its column type says so. Rows of a batch
     share their timestamps, so a timestamp is encoded once a batch, not once a row (SQLAlchemy's
-    datetime processor formats a string each call: a tenth of a commit's CPU, `make bench-profile`)."""
+    datetime processor formats a string each call)."""
 
     __slots__ = ("encoders", "get", "single")
 

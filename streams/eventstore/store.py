@@ -42,10 +42,9 @@ from streams.policy.failures import Failure
 log = get_logger("pipeline.store")
 T = TypeVar("T")
 
-# PostgreSQL group-commit transactions open at once. One writer left the others' messages
-# waiting through its ~10 round trips, and at half the drain rate a queue stood (p99 584 ms,
-# `make bench`); two: p99 167-186 ms at the same drain rate (1,302-1,495 msg/s). Three made
-# smaller transactions that cost the server more CPU than the overlap saved (1,238-1,268 msg/s).
+# PostgreSQL group-commit transactions open at once. One writer leaves the others' messages
+# waiting through its round trips; two overlap them. More make smaller transactions that cost the
+# server more CPU than the overlap saves.
 PG_COMMIT_WRITERS = 2
 # Connections of the PostgreSQL hot path: the group commit's writers, inbox reads and the relay,
 # plus one spare.
@@ -53,10 +52,9 @@ PG_HOT_CONNECTIONS = PG_COMMIT_WRITERS + 3
 
 # PostgreSQL plans the hot path's lookups from table statistics, which autovacuum refreshes at
 # most once a naptime (a minute by default). A table that grew since (a new store: no statistics
-# at all) is planned as a small one: the inbox lookup read every row of its consumer, the e-mail
-# projection's read the whole `email_log`, 0.04 -> 0.9 ms a statement at 9,600 rows and growing
-# with the table (a commit of 64: 9 -> 26-42 ms over 19,000 events, the store alone). The store
-# analyzes its own tables when they changed by autovacuum's measure, every few seconds.
+# at all) is planned as a small one: the inbox lookup reads every row of its consumer, the e-mail
+# projection's read the whole `email_log`, each slower as the table grows. The store analyzes its
+# own tables when they changed by autovacuum's measure, every few seconds.
 ANALYZE_SECONDS = 2.0
 ANALYZE_THRESHOLD = 50  # rows changed, plus ANALYZE_SCALE of the table (autovacuum's defaults)
 ANALYZE_SCALE = 0.1
@@ -165,9 +163,9 @@ class EventStore:
             url, pool_pre_ping=True, json_serializer=json_dumps, json_deserializer=orjson.loads
         )
         # SQLite's hot path (group commit, inbox reads, the outbox) runs inline on the event loop,
-        # on a sqlite3 connection of its own (`streams.eventstore.sql.SqliteStatements`): a statement takes
-        # microseconds, its hand-off to aiosqlite's thread and back took milliseconds (a commit of
-        # one message: 20-38 ms at 100 msg/s, `make bench`), and the GIL contention with it.
+        # on a sqlite3 connection of its own (`streams.eventstore.sql.SqliteStatements`): a statement
+        # costs far less than its hand-off to aiosqlite's thread and back, and than the GIL
+        # contention with that thread.
         # PostgreSQL (asyncpg) is asynchronous by nature and stays on SQLAlchemy.
         self._sqlite_path: str | None = None
         self._sqlite: sqlite3.Connection | None = None
@@ -310,8 +308,7 @@ class EventStore:
             _sqlite_pragmas(db, None)
             if self._checkpointer is not None:
                 # Its COMMITs would checkpoint every 1,000 pages, on the loop, with an fsync of
-                # the database file: 150-360 ms with the loop stopped (p99 at 200 msg/s, `make
-                # bench`). The checkpointer's thread does it instead.
+                # the database file that stops the loop. The checkpointer's thread does it instead.
                 db.execute("PRAGMA wal_autocheckpoint=0")
             self._sqlite = db
         return self._sqlite
@@ -350,8 +347,8 @@ class EventStore:
         """`seen` for several messages, in one query (shared with concurrent lookups)."""
         keys = [(consumer, m) for m in message_ids]
         if not self.inbox_reader.started or self._sqlite_path is not None:
-            # SQLite reads inline on the loop: a shared query saves a statement of microseconds,
-            # the hop to the reader costs a future and a queue round a message.
+            # SQLite reads inline on the loop: a shared query saves little there, and the hop to the
+            # reader costs a future and a queue round a message.
             return await self._seen_many(keys)
         seen = await self.inbox_reader.submit_many(keys)
         for answer in seen:
@@ -437,7 +434,7 @@ class EventStore:
         await sql.insert(inbox, plan.inbox)
         if plan.events:
             # One executemany, then the positions by event id: RETURNING in parameter order makes
-            # SQLAlchemy send SQLite one INSERT per row (the whole batch's cost, `make bench`).
+            # SQLAlchemy send SQLite one INSERT per row.
             await sql.insert(events, plan.events)
             position_of = await sql.positions([row["event_id"] for row in plan.events])
             await projections.apply(
@@ -702,7 +699,7 @@ class Checkpointer:
     checkpoint copies the little the passive ones left and empties the WAL. The writer waits (the
     event loop does not) because a checkpoint that must win the writer lock from a steady stream of
     commits starves, and one run on the loop itself would stop the loop while it waits for a
-    passive checkpoint or a reader (5 s a commit, for minutes, in a soak).
+    passive checkpoint or a reader.
     """
 
     def __init__(self, path: str, *, interval: float | None = None) -> None:
@@ -767,7 +764,7 @@ class Analyzer(Periodic):
     Autovacuum's measure (`ANALYZE_THRESHOLD` rows plus `ANALYZE_SCALE` of the table, counted
     in `pg_stat_user_tables`), checked every `ANALYZE_SECONDS` instead of once a naptime: a
     young table doubles in minutes, and its plans with it. An ANALYZE samples at most 30,000
-    rows (milliseconds), and invalidates the cached plans of the prepared statements that read it.
+    rows, so it stays cheap, and invalidates the cached plans of the prepared statements that read it.
     """
 
     name = "pg-analyze"
