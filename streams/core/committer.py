@@ -90,8 +90,8 @@ class GroupCommitter(Generic[U, R]):
         """Queue several units at once and wait for all; per unit, its result or what it failed with.
 
         The units of one writer go into its queue as one group with one future (at most
-        `max_batch` a group), not a future each: a future, a queue entry and a callback a unit
-        were about a tenth of the store's CPU a commit (commits of 256, the store alone).
+        `max_batch` a group), not a future each, so a large commit does not pay for a future, a
+        queue entry and a callback per unit.
         """
         if not self.started:
             return [await self._alone(unit) for unit in units]

@@ -1,12 +1,12 @@
-"""Warm restarts: start-up is paid once, and a worker that dies is replaced in milliseconds.
+"""Warm restarts: start-up is paid once, and a worker that dies is replaced by a fork at once.
 
 `python -m streams.ops.forkserver [--host H] [--port P]` imports the application once (every heavy
 library: FastStream, SQLAlchemy, Alembic, Pydantic models), then forks the worker from that warm
 parent and runs it as `faststream run streams.app:app --host H --port P` would. When the worker
 dies (a poison message's SIGKILL, an OOM kill, a crash), the parent forks a new one at once: no
-interpreter start and no imports, which take about 2 s on a small machine (a fork is ready in
-about 0.4 s). Under a crash loop the pipeline keeps its throughput instead of spending it on
-restarts. What the dead worker held is redelivered by the brokers, as after any crash.
+interpreter start and no imports, the bulk of a cold start. Under a crash loop the pipeline keeps
+its throughput instead of spending it on restarts. What the dead worker held is redelivered by
+the brokers, as after any crash.
 
 SIGTERM and SIGINT are passed to the worker, which shuts down gracefully; the parent then exits
 with the worker's exit code. A worker that died after it started consuming is replaced at once; one

@@ -22,7 +22,7 @@ from streams.flows.catalog import FLOWS
 # The broker's own poison cap, a backstop behind the worker's crash ledger and its
 # PIPELINE_DELIVERY_LIMIT (which dead-letter with the whole story first). High, because the
 # broker charges a delivery to every message a dying worker held, not only the one that killed
-# it: under a crash loop, innocent messages in the prefetch window reach 20 within a minute.
+# it: under a crash loop, innocent messages in the prefetch window pile up deliveries fast.
 # Fixed, so changing the setting never needs the queues re-declared.
 BROKER_DELIVERY_LIMIT = 100
 DELAY_LEVELS = 16  # the longest delay is 2**16 - 1 s, about 18 h
@@ -75,8 +75,8 @@ def delay_queue(level: int) -> RabbitQueue:
             "x-message-ttl": (2**level) * 1000,
             "x-dead-letter-exchange": _next_hop(level),
             # A classic queue dead-letters at most once: a broker stopping while a message passes
-            # from one level to the next loses it (the chaos suite saw it). A quorum queue keeps
-            # the message until the next hop has it (needs reject-publish overflow).
+            # from one level to the next loses it. A quorum queue keeps the message until the next
+            # hop has it (needs reject-publish overflow).
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         },
