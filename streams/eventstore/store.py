@@ -166,7 +166,7 @@ class EventStore:
         # on a sqlite3 connection of its own (`streams.eventstore.sql.SqliteStatements`): a statement
         # costs far less than its hand-off to aiosqlite's thread and back, and than the GIL
         # contention with that thread.
-        # PostgreSQL (asyncpg) is asynchronous by nature and stays on SQLAlchemy.
+        # PostgreSQL is asynchronous by nature: its hot path runs on an asyncpg pool of its own (`_pg_pool`).
         self._sqlite_path: str | None = None
         self._sqlite: sqlite3.Connection | None = None
         self._checkpointer: Checkpointer | None = None

@@ -1,6 +1,6 @@
 """The whole broker topology, declared at start-up so producers can publish as soon as we are ready.
 
-RabbitMQ retries wait in TTL + dead-letter-exchange delay queues, no plugin: one classic queue
+RabbitMQ retries wait in TTL + dead-letter-exchange delay queues, no plugin: one quorum queue
 per power-of-two level (level k holds a message 2**k seconds). A delay of d seconds is written
 in binary into the routing key, one bit per level from the highest, followed by the destination
 queue; each level's exchange sends the message through its queue when its bit is 1 and past it
