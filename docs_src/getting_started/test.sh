@@ -1,0 +1,2 @@
+make unit     # the in-memory tests only: no server needed, a few minutes
+make test     # what CI runs: ruff, mypy --strict, the docs site, the unit and connected tests
