@@ -64,10 +64,10 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck ## ruff + mypy --strict + pytest (what CI runs)
+check: lint typecheck docs-site ## ruff + mypy --strict + the docs site + pytest (what CI runs)
 	$(BIN)/pytest -m "not chaos"
 
-docs: $(STAMP) ## regenerate asyncapi.yaml from the code
+docs: $(STAMP) ## regenerate asyncapi.yaml and docs/configuration.md from the code, then build the site
 	# FastStream lists channels, operations, messages and schemas in an order that moves from run to
 	# run (the same content): sorted by name here, so the file changes only when the content does.
 	$(BIN)/faststream docs gen --yaml streams.app:app --out asyncapi.yaml
@@ -75,6 +75,12 @@ docs: $(STAMP) ## regenerate asyncapi.yaml from the code
 		d.update({k: dict(sorted(d[k].items())) for k in ("channels", "operations")}); \
 		d["components"] = {k: dict(sorted(v.items())) for k, v in d["components"].items()}; \
 		open("asyncapi.yaml", "w").write(yaml.dump(d, sort_keys=False))'
+	$(BIN)/python -m tools.gen_config
+	$(MAKE) --no-print-directory docs-site
+
+.PHONY: docs-site
+docs-site: $(STAMP) ## build the documentation site into site/ (mkdocs build --strict; examples: docs_src/)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info pipeline.db*
