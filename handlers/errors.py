@@ -25,3 +25,15 @@ class TransientError(PipelineError):
 
 class DependencyUnavailableError(TransientError):
     """Raised when a provider times out, cannot be reached or answers 5xx/408/429."""
+
+
+class ThrottledError(TransientError):
+    """Raised when a provider says "not so fast" (429 or 503 with `Retry-After`): wait, not a failure.
+
+    The message waits at least `retry_after` seconds on the broker without using an attempt, every
+    worker holds the dependency back for as long, and its circuit breaker does not count it.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from streams.core.settings import Settings, get_settings, mask_url
+from streams.core.settings import Settings, describe_errors, get_settings, mask_url
 from streams.deadletters import printable, redact
 
 EXIT_UNAVAILABLE = 1  # a database or broker unreachable, or refused what was asked
@@ -59,10 +59,7 @@ def load_settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"PIPELINE_{str(e['loc'][0]).upper()}: " if e["loc"] else "") + e["msg"] for e in exc.errors()
-        )
-        fail(f"invalid settings: {problems}", EXIT_INVALID)
+        fail(f"invalid settings: {describe_errors(exc)}", EXIT_INVALID)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, TypeVar
 
-from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError
+from handlers.errors import DependencyUnavailableError, InvalidMessageError, PipelineError, ThrottledError
 from schemas import Event, FailureKind, MessageDeadLettered, RetryScheduled
 from schemas.base import Message
 from streams.core import faults, metrics, names
@@ -24,6 +24,7 @@ from streams.ops.monitor import Monitor
 from streams.policy.alerts import Alerter
 from streams.policy.breaker import Breaker
 from streams.policy.failures import Failure, classify
+from streams.policy.limits import Limiter, MustWait
 from streams.policy.suspects import CrashLedger, Isolation
 from streams.transport import topology
 from streams.transport.outlets import Outlet
@@ -65,6 +66,7 @@ class Pipeline:
         store: EventStore,
         alerter: Alerter | None = None,
         crashes: CrashLedger | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         # Redelivered messages run alone and have their starts counted (streams.policy.suspects); without
@@ -77,6 +79,8 @@ class Pipeline:
         self.relay = Relay(store, self.outlets, orphaned_after=settings.outbox_orphan_seconds)
         self.relay.listen()  # outcomes go out from memory as they are committed
         self.breakers: dict[str, Breaker] = {}
+        # Without a shared limiter (tests, tools) a worker only holds back on its own providers' pushback.
+        self.limiter = limiter or Limiter(None, {}, max_wait=settings.limit_max_wait)
         self.monitor = Monitor()
         self.flow_of_source: dict[str, str] = {}  # queue or stream -> flow name (the inbox consumer)
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -172,7 +176,7 @@ class Pipeline:
             return
         if flow.requested is not None and env.attempt == 1:
             await self.store.commit(Commit(stream_id, [flow.requested(cmd, ctx)], env, publish=False))
-        outcome = await self._through_breaker(flow.dependency, env, handle)
+        outcome = await self._call(flow, cmd, env, handle)
         faults.crash_at("after_handler", env.body)
         done = await self.store.commit(Commit(stream_id, [outcome], env, consumer=flow.name))
         if done.outcome is Outcome.DUPLICATE:
@@ -185,10 +189,16 @@ class Pipeline:
         faults.crash_at("after_commit", env.body)
         log.info("handled", event_type=outcome.TYPE, attempt=env.attempt)
 
-    async def _through_breaker(self, dependency: str, env: Envelope, handle: Callable[[], Awaitable[Event]]) -> Event:
-        """Wait while the dependency's breaker is open, run the handler, tell the breaker how it went."""
+    async def _call(self, flow: Flow[C], cmd: C, env: Envelope, handle: Callable[[], Awaitable[Event]]) -> Event:
+        """Wait while the dependency's breaker is open, then for its limits; run the handler, tell both how it went."""
+        dependency = flow.dependency
         breaker = self.breaker(dependency)
         await breaker.acquire()
+        try:
+            permit = await self.limiter.acquire(dependency, flow.tokens(cmd) if flow.tokens else 0)
+        except BaseException:
+            await breaker.release()
+            raise
         # Every run is counted from here until the handler returns: a worker that dies in between
         # leaves the count up, and the redelivered message is then a suspect. A crash while it
         # waited above, or after it (commit, ack, relay), is not charged to it.
@@ -198,21 +208,32 @@ class Pipeline:
         faults.crash_at("before_handler", env.body)
         try:
             outcome = await handle()
+        except ThrottledError as exc:  # the provider is up and says "later": not the breaker's business
+            await breaker.release()
+            await permit.release(used_tokens=0)
+            await self.limiter.throttled(dependency, exc.retry_after)
+            raise
         except DependencyUnavailableError:
             await breaker.failure()
+            await permit.release()
             raise
         except BaseException:
             await breaker.release()
+            await permit.release()
             raise
         finally:
             if ledger is not None:
                 await ledger.handler_returned(env)
         await breaker.success()
+        await permit.release(used_tokens=flow.used_tokens(outcome) if flow.used_tokens else None)
         return outcome
 
     async def fail(self, delivery: Delivery, exc: BaseException) -> None:
         """Classify a failure once: retry it later through the broker, or dead-letter it now."""
         env = delivery.envelope
+        if isinstance(exc, ThrottledError | MustWait) and delivery.command is not None:
+            await self._wait_on_broker(delivery, exc)
+            return
         kind = classify(exc, decoded=delivery.command is not None)
         if kind is None:
             failure = Failure.of(exc, FailureKind.EXHAUSTED, env)
@@ -227,10 +248,31 @@ class Pipeline:
             return
         await self.dead_letter(delivery, Failure.of(exc, kind, env))
 
-    async def _retry(self, delivery: Delivery, failure: Failure, delay: float) -> None:
+    async def _wait_on_broker(self, delivery: Delivery, exc: ThrottledError | MustWait) -> None:
+        """The dependency is at its limit or pushed back: the message waits on the broker, its attempt unused.
+
+        Spread over up to a second more than asked, so waiting messages do not all come back at once.
+        It is dead-lettered only when waiting would take it past the retry policy's maximum age.
+        """
         env = delivery.envelope
+        wait = exc.retry_after if isinstance(exc, ThrottledError) else exc.seconds
+        delay = wait + self.rng.uniform(0.0, min(max(wait, 0.1), 1.0))
+        failure = Failure.of(exc, FailureKind.EXHAUSTED, env)
+        flow = delivery.flow.name if delivery.flow is not None else env.source
+        max_age = self.settings.retry_policy(flow).max_age
+        if (failure.last_failure_at - failure.first_failure_at).total_seconds() + delay > max_age:
+            await self.dead_letter(delivery, failure)
+            return
+        await self._retry(delivery, failure, delay, attempt=env.attempt, record=isinstance(exc, ThrottledError))
+
+    async def _retry(
+        self, delivery: Delivery, failure: Failure, delay: float, *, attempt: int | None = None, record: bool = True
+    ) -> None:
+        """Hand the message back to the broker for `delay` seconds as attempt `attempt` (default: the next)."""
+        env = delivery.envelope
+        next_attempt = env.attempt + 1 if attempt is None else attempt
         headers = {
-            names.H_ATTEMPTS: str(env.attempt + 1),
+            names.H_ATTEMPTS: str(next_attempt),
             names.H_FIRST_FAILURE_AT: failure.first_failure_at.isoformat(),
             names.H_LAST_FAILURE_AT: failure.last_failure_at.isoformat(),
             names.H_EXCEPTION_TYPE: failure.exception_type,
@@ -239,8 +281,11 @@ class Pipeline:
             names.H_CORRELATION_ID: env.correlation_id,
         }
         await self.outlets[env.transport].retry_later(env, delay, headers)
-        metrics.RETRIES_SCHEDULED.labels(env.transport, env.source).inc()
-        if delivery.command is not None and delivery.flow is not None:
+        if attempt is not None:  # a wait, not a retry
+            log.debug("waiting on the broker", delay_seconds=round(delay, 3), reason=failure.exception_message)
+        else:
+            metrics.RETRIES_SCHEDULED.labels(env.transport, env.source).inc()
+        if record and delivery.command is not None and delivery.flow is not None:
             scheduled = RetryScheduled(
                 message_id=env.message_id,
                 correlation_id=env.correlation_id,
@@ -252,10 +297,12 @@ class Pipeline:
             )
             stream_id = delivery.flow.stream_id(delivery.command, env.context)
             await self.store.commit(Commit(stream_id, [scheduled], env, publish=False))
+        if attempt is not None:
+            return
         log.info(
             "retry scheduled",
             attempt=env.attempt,
-            next_attempt=env.attempt + 1,
+            next_attempt=next_attempt,
             delay_seconds=round(delay, 3),
             exception_type=failure.exception_type,
             exception_message=failure.exception_message,

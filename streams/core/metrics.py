@@ -63,6 +63,25 @@ END_TO_END = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
     registry=REGISTRY,
 )
+DEPENDENCY_WAIT = Histogram(
+    "pipeline_dependency_wait_seconds",
+    "Time a call waited for its dependency's limits (concurrency, rate, tokens, pushback).",
+    ["dependency"],
+    buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+THROTTLED = Counter(
+    "pipeline_throttled_total",
+    "Calls a dependency answered with 429 or 503 and Retry-After (the message waits, no attempt used).",
+    ["dependency"],
+    registry=REGISTRY,
+)
+DEPENDENCY_IN_FLIGHT = Gauge(
+    "pipeline_dependency_in_flight",
+    "Calls to a dependency running now in this worker.",
+    ["dependency"],
+    registry=REGISTRY,
+)
 STORE_BATCH = Histogram(
     "pipeline_store_batch_size",
     "Messages per group-commit transaction.",

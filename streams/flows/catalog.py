@@ -28,6 +28,14 @@ from streams.core import names
 from streams.flows.deps import get_mailer, get_model
 from streams.flows.flow import Flow
 
+# Reserved for the answer before its real length is known; settled with the reported usage after.
+COMPLETION_TOKENS_ESTIMATE = 256
+
+
+def estimated_tokens(prompt: str) -> int:
+    """A prompt's tokens, estimated without a tokenizer (about four characters a token), plus the answer's."""
+    return -(-len(prompt) // 4) + COMPLETION_TOKENS_ESTIMATE
+
 
 def _email_failed(cmd: SendEmail, ctx: MessageContext, kind: FailureKind, reason: str) -> Event:
     return EmailFailed(
@@ -79,6 +87,10 @@ COMPLETION: Flow[RequestCompletion] = Flow(
     description="Run an LLM completion; answers `completion.succeeded` or `completion.failed`.",
     requested=lambda cmd, ctx: CompletionRequested(
         message_id=ctx.message_id, correlation_id=ctx.correlation_id, task_id=cmd.task_id, model=cmd.model
+    ),
+    tokens=lambda cmd: estimated_tokens(cmd.prompt),
+    used_tokens=lambda event: (
+        event.prompt_tokens + event.completion_tokens if isinstance(event, CompletionSucceeded) else None
     ),
 )
 

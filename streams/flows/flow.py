@@ -35,3 +35,7 @@ class Flow(Generic[C]):
     description: str = ""
     # An event recorded (not published) when the command first arrives, before the handler runs.
     requested: Callable[[C, MessageContext], Event] | None = None
+    # For a dependency limited in tokens (PIPELINE_LIMITS `tokens_per_minute`): the tokens a command
+    # is expected to use, reserved before the call, and those its outcome reports, settled after it.
+    tokens: Callable[[C], int] | None = None
+    used_tokens: Callable[[Event], int | None] | None = None

@@ -62,6 +62,7 @@ def make_routes(
     consumers: Callable[[], Sequence[Consumer]],
     breakers: Callable[[], Mapping[str, Breaker]],
     monitor: Monitor,
+    dependencies: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
 ) -> list[tuple[str, GetHandler]]:
     """The three health routes."""
 
@@ -87,7 +88,8 @@ def make_routes(
 
     @get(include_in_schema=False)
     async def consumer_health(scope: Scope) -> AsgiResponse:
-        """Per subscriber: consuming or not, in flight, last message time, queue depth or stream lag."""
+        """Per subscriber: consuming or not, in flight, last message time, queue depth or stream lag; per
+        dependency: throttled or not, calls in flight and waiting, its limits (throttled is working: still 200)."""
         checks: dict[str, Any] = {}
         for c in consumers():
             act = monitor.activity(c.broker, c.source)
@@ -99,6 +101,8 @@ def make_routes(
                 "depth": act.depth,
             }
         ok = bool(checks) and all(v["running"] for v in checks.values())
-        return report(ok, checks)
+        deps = dependencies()
+        throttled = sorted(name for name, state in deps.items() if state.get("throttled"))
+        return report(ok, checks, dependencies=dict(deps), throttled=throttled)
 
     return [("/health/live", live), ("/health/ready", ready), ("/health/consumers", consumer_health)]

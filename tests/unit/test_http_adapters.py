@@ -18,8 +18,10 @@ from handlers.errors import (
     DependencyUnavailableError,
     FatalError,
     PipelineError,
+    ThrottledError,
     TransientError,
 )
+from handlers.http import MAX_RETRY_AFTER, retry_after
 from handlers.mailers import HttpMailer
 from handlers.models import OpenAIModel
 from handlers.ports import Completion
@@ -31,7 +33,8 @@ MAIL = SendEmail(to="ada@example.com", subject="Welcome", body="Hello Ada.", tem
 # httpx builds an SSL context per client (~50 ms); share one, the tests only speak plain HTTP.
 SSL_CONTEXT = ssl.create_default_context()
 FATAL_STATUSES = [400, 401, 403, 404, 409, 422]
-TRANSIENT_STATUSES = [408, 429, 500, 502, 503, 504]
+# Without Retry-After: 429 is throttling (a second's wait), the rest are failures worth a retry.
+TRANSIENT_STATUSES = [408, 500, 502, 503, 504]
 
 
 @pytest.fixture
@@ -155,7 +158,7 @@ async def test_mailer_4xx_is_fatal_delivery_rejected(
 async def test_mailer_5xx_408_429_are_transient(
     server: RecordingServer, client: httpx.AsyncClient, status: int
 ) -> None:
-    """5xx, 408 and 429 raise DependencyUnavailableError, a TransientError (retry later)."""
+    """5xx and 408 without Retry-After raise DependencyUnavailableError, a TransientError (retry later)."""
     server.script(ScriptedResponse(status, {"error": "later"}))
 
     with pytest.raises(DependencyUnavailableError, match=str(status)) as info:
@@ -266,7 +269,7 @@ async def test_openai_4xx_is_fatal(server: RecordingServer, client: httpx.AsyncC
 async def test_openai_5xx_408_429_are_transient(
     server: RecordingServer, client: httpx.AsyncClient, status: int
 ) -> None:
-    """5xx, 408 and 429 from the model API raise DependencyUnavailableError (transient)."""
+    """5xx and 408 from the model API raise DependencyUnavailableError (transient)."""
     server.script(ScriptedResponse(status, {"error": {"message": "overloaded"}}))
 
     with pytest.raises(DependencyUnavailableError):
@@ -369,3 +372,66 @@ def test_recording_server_wait_for_requests_times_out_and_stop_cuts_delays_short
 def _swallow_errors(url: str) -> None:
     with contextlib.suppress(httpx.HTTPError):
         httpx.post(url, json={}, timeout=30, trust_env=False, verify=SSL_CONTEXT)
+
+
+# ---- pushback: 429 / 503 with Retry-After ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_in_seconds_is_throttling(
+    server: RecordingServer, client: httpx.AsyncClient, status: int
+) -> None:
+    """429 or 503 with `Retry-After: 7` raises ThrottledError asking for 7 s: not a failure of the provider."""
+    server.script(ScriptedResponse(status, {"error": "slow down"}, headers={"Retry-After": "7"}))
+
+    with pytest.raises(ThrottledError) as info:
+        await HttpMailer(client, server.url).send(MAIL, idempotency_key="m")
+
+    assert info.value.retry_after == 7.0
+    assert not isinstance(info.value, DependencyUnavailableError)  # the breaker does not count it
+
+
+async def test_retry_after_as_an_http_date_is_throttling(server: RecordingServer, client: httpx.AsyncClient) -> None:
+    """An HTTP date in Retry-After asks to wait until then."""
+    when = time.time() + 30
+    header = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(when))
+    server.script(ScriptedResponse(429, {"error": {"message": "rate"}}, headers={"Retry-After": header}))
+
+    with pytest.raises(ThrottledError) as info:
+        await OpenAIModel(client, server.url).complete("p", model="m", idempotency_key="k")
+
+    assert 25 <= info.value.retry_after <= 31
+
+
+async def test_429_without_retry_after_waits_a_second(server: RecordingServer, client: httpx.AsyncClient) -> None:
+    """A bare 429 is still the provider pacing us: a short wait, not a failure."""
+    server.script(ScriptedResponse(429, {"error": "later"}))
+
+    with pytest.raises(ThrottledError) as info:
+        await HttpMailer(client, server.url).send(MAIL, idempotency_key="m")
+
+    assert info.value.retry_after == 1.0
+
+
+@pytest.mark.parametrize("header", ["soon", "-5", "1.5e400", "Mon, 99 Foo 2026 00:00:00 GMT", ""])
+@pytest.mark.parametrize("status", [429, 503])
+async def test_malformed_retry_after_is_an_ordinary_transient_failure(
+    server: RecordingServer, client: httpx.AsyncClient, status: int, header: str
+) -> None:
+    """A Retry-After that cannot be read is an ordinary transient failure (retried with backoff)."""
+    server.script(ScriptedResponse(status, {"error": "later"}, headers={"Retry-After": header}))
+
+    with pytest.raises(DependencyUnavailableError) as info:
+        await HttpMailer(client, server.url).send(MAIL, idempotency_key="m")
+
+    assert not isinstance(info.value, ThrottledError)
+
+
+def test_retry_after_reading() -> None:
+    """Seconds, dates in the past (no wait), and absurd values (capped) read as RFC 9110 says."""
+    assert retry_after("0") == 0.0
+    assert retry_after(" 12 ") == 12.0
+    assert retry_after("Thu, 01 Jan 1970 00:00:00 GMT") == 0.0
+    assert retry_after("99999999") == MAX_RETRY_AFTER
+    assert retry_after(None) is None
+    assert retry_after("1.5") is None  # delay-seconds is an integer
