@@ -28,9 +28,9 @@ HEADER = """\
 The worker and the `pipeline` CLI read their settings from environment variables with the prefix
 `PIPELINE_`, or from a `.env` file in the working directory. They are validated at start-up: a
 value out of range, or an inconsistent pair (`PIPELINE_MAILER=http` without `PIPELINE_MAILER_URL`),
-stops the worker before it consumes anything, saying what is wrong. A value of type JSON is one
-JSON document, e.g. `PIPELINE_RETRY_OVERRIDES='{"completion": {"max_attempts": 3}}'`. Secrets are
-never logged, and passwords in URLs are masked wherever settings are shown.
+stops the worker before it consumes anything, with a message naming the variable. A value of type
+JSON is one JSON document, e.g. `PIPELINE_RETRY_OVERRIDES='{"completion": {"max_attempts": 3}}'`.
+Secrets are never logged, and passwords in URLs are masked wherever settings are shown.
 
 | variable | type | default | description |
 |---|---|---|---|
