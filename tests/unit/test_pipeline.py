@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,13 +14,15 @@ from faststream.rabbit import TestRabbitBroker
 from faststream.redis import TestRedisBroker
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
-from handlers.errors import DeliveryRejectedError, DependencyUnavailableError
+from handlers.errors import DeliveryRejectedError, DependencyUnavailableError, ThrottledError
 from handlers.models import EchoModel
 from schemas import SendEmail
 from streams.core import names
 from streams.core.envelope import Envelope
 from streams.eventstore.store import EventStore
 from streams.flows.deps import Adapters, install
+from streams.policy.breaker import State
+from streams.policy.limits import Limiter
 from streams.transport import topology
 from tests.conftest import CountingLedger, RecordingRedis
 
@@ -108,6 +111,8 @@ async def harness(app_store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Asy
     fake_redis = RecordingRedis()
     monkeypatch.setattr(module.redis_outlet, "client", fake_redis)
     monkeypatch.setattr(module.pipeline, "crashes", CountingLedger())
+    # Pushback stays in this process: the app's limiter would share it through the real Redis.
+    monkeypatch.setattr(module.pipeline, "limiter", Limiter(None, {}, max_wait=module.settings.limit_max_wait))
     h = Harness(module=module, mailer=mailer, store=app_store, redis_client=fake_redis)
     for outlet in (module.rabbit_outlet, module.redis_outlet):
         original = outlet.dead_letter
@@ -429,3 +434,75 @@ async def test_without_a_ledger_the_broker_count_decides(harness: Harness, monke
     [(_, headers)] = harness.dead_letters
     assert headers[names.H_FAILURE_KIND] == "poison"
     assert harness.mailer.sent == []
+
+
+# ---- pushback: the provider says "later" ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_throttled_message_waits_on_the_broker_with_its_attempt_unused(harness: Harness, broker: str) -> None:
+    """A 429 with Retry-After: 7 hands the message back for at least 7 s as the same attempt; nothing is parked."""
+    harness.mailer.error = ThrottledError("mail provider answered 429", retry_after=7.0)
+    mid = await harness.send(broker, names.EMAIL_QUEUE, EMAIL, headers={names.H_ATTEMPTS: "3"})
+    [(env, delay, headers)] = harness.retries
+    assert 7.0 <= delay <= 8.0
+    assert headers[names.H_ATTEMPTS] == "3"  # the attempt it was: throttling uses none
+    assert headers[names.H_MESSAGE_ID] == mid
+    assert headers[names.H_EXCEPTION_TYPE] == "handlers.errors.ThrottledError"
+    assert env.body == json.dumps(EMAIL).encode()
+    assert harness.dead_letters == []
+    assert harness.events(broker, names.EMAIL_FAILED) == []
+
+
+async def test_throttling_at_the_last_attempt_does_not_dead_letter(harness: Harness) -> None:
+    """A message on its last attempt that is throttled waits again: only failures use attempts."""
+    harness.mailer.error = ThrottledError("429", retry_after=1.0)
+    last = str(harness.module.settings.retry_policy("email").max_attempts)
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL, headers={names.H_ATTEMPTS: last})
+    [(_, _, headers)] = harness.retries
+    assert headers[names.H_ATTEMPTS] == last
+    assert harness.dead_letters == []
+
+
+async def test_throttling_dead_letters_only_past_the_maximum_age(harness: Harness) -> None:
+    """A message first pushed back longer ago than PIPELINE_RETRY_MAX_AGE is dead-lettered as exhausted."""
+    harness.mailer.error = ThrottledError("429", retry_after=1.0)
+    max_age = harness.module.settings.retry_policy("email").max_age
+    first = (datetime.now(UTC) - timedelta(seconds=max_age)).isoformat()
+    mid = await harness.send("redis", names.EMAIL_STREAM, EMAIL, headers={names.H_FIRST_FAILURE_AT: first})
+    assert harness.retries == []
+    [(_, headers)] = harness.dead_letters
+    assert headers[names.H_FAILURE_KIND] == "exhausted"
+    assert [e["message_id"] for e in harness.events("redis", names.EMAIL_FAILED)] == [mid]
+
+
+async def test_throttling_never_opens_the_breaker(harness: Harness) -> None:
+    """Twice the breaker's threshold of 429s leaves it closed: the provider is up, only busy."""
+    harness.mailer.error = ThrottledError("429", retry_after=0.0)
+    threshold = harness.module.settings.breaker_threshold
+    for _ in range(2 * threshold):
+        await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
+    assert len(harness.retries) == 2 * threshold
+    assert harness.module.pipeline.breaker("mailer").state is State.CLOSED
+    # An outage still opens it.
+    harness.mailer.error = DependencyUnavailableError("503")
+    for _ in range(threshold):
+        await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
+    assert harness.module.pipeline.breaker("mailer").state is State.OPEN
+
+
+async def test_after_pushback_the_next_message_waits_on_the_broker_without_calling(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the provider asked for 30 s, the next e-mail is not sent: it waits on the broker, attempt unused."""
+    monkeypatch.setattr(harness.module.pipeline, "limiter", Limiter(None, {}, max_wait=1.0))
+    harness.mailer.error = ThrottledError("429", retry_after=30.0)
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
+    harness.mailer.error = None
+    await harness.send("rabbit", names.EMAIL_QUEUE, EMAIL)
+    assert harness.mailer.sent == []
+    [_, (_, delay, headers)] = harness.retries
+    assert 28.0 <= delay <= 31.0
+    assert headers[names.H_ATTEMPTS] == "1"
+    assert "at its limit" in headers[names.H_EXCEPTION_MESSAGE]
+    assert harness.dead_letters == []
