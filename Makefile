@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # runtime.txt plus the dev extra, bench.txt is dev.txt plus the bench extra (each compiled with
 # the one before it as constraints, so a package has the same version in all three).
 
-.PHONY: install run test unit connected chaos lint format typecheck check docs bench clean lock
+.PHONY: install run test unit connected chaos lint format typecheck check docs bench clean lock web
 
 # Installs exactly the lock, hash-checked, then the project itself without dependencies; `pip check`
 # fails when pyproject.toml asks for something the lock does not hold (run `make lock`).
@@ -20,7 +20,17 @@ $(STAMP): pyproject.toml requirements/runtime.txt requirements/dev.txt
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the locked dependencies, the dev tools and the project
+install: $(STAMP) web ## create .venv and install the locked dependencies, the dev tools, the project and web/
+
+# web/: the AsyncAPI page's script and stylesheet (@asyncapi/react-component, served by the worker itself)
+# and the official AsyncAPI parser the tests check the document with, exactly web/package-lock.json.
+# npm ci writes node_modules/.package-lock.json last: missing or older than the lock, it runs again.
+WEB_STAMP := web/node_modules/.package-lock.json
+$(WEB_STAMP): web/package.json web/package-lock.json
+	npm ci --prefix web
+	touch $(WEB_STAMP)
+
+web: $(WEB_STAMP) ## install web/node_modules from web/package-lock.json (npm ci) when missing or stale
 
 # uv resolves; pip installs (nothing but pip is needed to install from the lock). uv lives in its own
 # venv under .venv, pinned, so the lock files come out the same on every machine.
@@ -39,15 +49,15 @@ lock: $(UV) ## regenerate requirements/*.txt from pyproject.toml, keeping pins s
 	$(UV_COMPILE) --extra dev -c requirements/runtime.txt -o requirements/dev.txt
 	$(UV_COMPILE) --extra dev --extra bench -c requirements/dev.txt -o requirements/bench.txt
 
-run: $(STAMP) ## run the worker with HTTP on :8000 (health, metrics, AsyncAPI docs)
+run: $(STAMP) $(WEB_STAMP) ## run the worker with HTTP on :8000 (health, metrics, AsyncAPI docs)
 	$(BIN)/faststream run streams.app:app --host 0.0.0.0 --port 8000
 
 test: check ## the whole suite: lint, types, unit and connected tests
 
-unit: $(STAMP) ## in-memory tests only (fast)
+unit: $(STAMP) $(WEB_STAMP) ## in-memory tests only (fast)
 	$(BIN)/pytest -m "not connected and not chaos"
 
-connected: $(STAMP) ## tests against the real RabbitMQ, Redis and PostgreSQL
+connected: $(STAMP) $(WEB_STAMP) ## tests against the real RabbitMQ, Redis and PostgreSQL
 	$(BIN)/pytest -m connected
 
 chaos: $(STAMP) ## fault injection on private servers (slow): CHAOS_SEED (default random, printed), CHAOS_N (default 20000)
@@ -64,7 +74,7 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck docs-site ## ruff + mypy --strict + the docs site + pytest (what CI runs)
+check: lint typecheck $(WEB_STAMP) docs-site ## ruff + mypy --strict + the docs site + pytest (what CI runs)
 	$(BIN)/pytest -m "not chaos"
 
 docs: $(STAMP) ## regenerate asyncapi.yaml and docs/configuration.md from the code, then build the site
@@ -83,7 +93,7 @@ docs-site: $(STAMP) ## build the documentation site into site/ (mkdocs build --s
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info pipeline.db*
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info pipeline.db* web/node_modules
 
 .PHONY: bench-scale bench-profile
 BENCH_STAMP := $(VENV)/.bench-installed
