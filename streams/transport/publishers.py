@@ -24,17 +24,6 @@ DEAD_LETTER_DOC = (
 )
 
 
-RETRY_DOC = (
-    "Broker-held retries. A transiently failed command is published here, body untouched, with "
-    "header x-attempts (the next attempt), x-first-failure-at, x-last-failure-at, x-exception-type "
-    "and x-exception-message. The routing key spells the delay in seconds in binary, one bit per "
-    "delay level (`delay.level.15` ... `delay.level.00`, each a queue holding messages 2**k s), "
-    "followed by the destination queue; after the last level `delay.deliver` routes it home. "
-    "On Redis the same retry waits in sorted set `{<stream>}:retry` (score = due time) and is "
-    "moved back into its stream atomically when due."
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Publishers:
     """Every publisher the pipeline uses, by role."""
@@ -94,11 +83,17 @@ def declare_publishers(rabbit: RabbitBroker, redis: RedisBroker) -> Publishers:
             schema=OutcomeEvent,
         ),
         redis_dead_letters={},
+        # Broker-held retries (streams.transport.topology): the worker sends a transiently failed
+        # command, body untouched, to the highest delay level under a routing key it computes per
+        # message (the delay in seconds in binary, one bit a level, then the destination queue), and
+        # the broker routes it back to its command queue when due. No fixed address and nobody else's
+        # to publish to or read: left out of the AsyncAPI document, where the command channels it
+        # returns to are.
         rabbit_delay=rabbit.publisher(
             exchange=topology.delay_exchange(topology.DELAY_LEVELS - 1),
             persist=True,
             title="delay:retry",
-            description=RETRY_DOC,
             schema=bytes,
+            include_in_schema=False,
         ),
     )
