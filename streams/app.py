@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from faststream.asgi import AsgiFastStream, AsgiResponse, AsyncAPIRoute, get
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.types import Scope
 from faststream.rabbit import Channel, RabbitBroker
 from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
@@ -32,7 +32,7 @@ from streams.core.settings import get_settings, mask_url
 from streams.eventstore import schema
 from streams.eventstore.store import EventStore
 from streams.flows.deps import ADAPTERS, Adapters, install
-from streams.ops import health
+from streams.ops import asyncapi_page, health
 from streams.ops.watchdog import ShutdownWatchdog
 from streams.policy.suspects import CrashLedger
 from streams.transport import topology
@@ -116,6 +116,7 @@ async def on_startup() -> None:
     global CONSUMER  # noqa: PLW0603 - one identity per process, set where the process starts working
     CONSUMER = store.owner = consumer_name()
     crash_ledger.start()
+    asyncapi_page.check_assets()  # a warning only: the worker runs without its docs page
     await rabbit.connect()
     await topology.declare_rabbit(rabbit)
     connection = await rabbit.connect()
@@ -224,7 +225,6 @@ app = AsgiFastStream(
         ),
         ("/metrics", metrics_endpoint),
     ],
-    asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),
     specification=AsyncAPI(
         title="pipeline",
         version="0.1.0",
@@ -241,3 +241,7 @@ app = AsgiFastStream(
     on_shutdown=[on_shutdown],
     after_shutdown=[after_shutdown],
 )
+# The AsyncAPI page (no try-it-out: nothing on the HTTP side publishes), its script and stylesheet
+# served from here rather than a CDN, and the document at /docs/asyncapi.json.
+for _path, _route in asyncapi_page.make_routes("/docs/asyncapi", app.schema):
+    app.mount(_path, _route)

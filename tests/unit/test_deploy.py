@@ -381,10 +381,14 @@ def test_compose_config_validates_with_docker_cli() -> None:
 
 
 def test_dockerfile_builds_on_slim_python_in_stages() -> None:
-    """Every stage starts from python:3.11-slim, and the runtime stage copies the venv from the build stage."""
+    """Every Python stage starts from python:3.11-slim (the web assets' from a slim Node image), and the
+    runtime stage, Python, copies the venv from the build stage."""
     bases = [args.split()[0] for word, args in _instructions() if word == "FROM"]
-    assert len(bases) >= 2
-    assert set(bases) == {"python:3.11-slim"}
+    python = [base for base in bases if not base.startswith("node:")]
+    assert len(python) >= 2
+    assert set(python) == {"python:3.11-slim"}
+    assert all(base.endswith("-slim") for base in bases)
+    assert _final_stage()[0][1].split()[0] == "python:3.11-slim"
     assert any(word == "COPY" and args.startswith("--from=") for word, args in _final_stage())
 
 
