@@ -21,6 +21,7 @@ from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
 from faststream.redis import RedisBroker
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
+from pydantic import ValidationError
 
 from streams.consume.batches import IN_FLIGHT
 from streams.consume.middleware import make_middleware
@@ -28,12 +29,13 @@ from streams.consume.pipeline import Pipeline
 from streams.consume.routes import register
 from streams.core import metrics
 from streams.core.logging import configure_logging, get_logger
-from streams.core.settings import get_settings, mask_url
+from streams.core.settings import describe_errors, get_settings, mask_url
 from streams.eventstore import schema
 from streams.eventstore.store import EventStore
 from streams.flows.deps import ADAPTERS, Adapters, install
 from streams.ops import asyncapi_page, health
 from streams.ops.watchdog import ShutdownWatchdog
+from streams.policy.limits import Limiter
 from streams.policy.suspects import CrashLedger
 from streams.transport import topology
 from streams.transport.groups import group_keeping_connection
@@ -42,7 +44,10 @@ from streams.transport.outlets import RabbitOutlet, RedisOutlet
 from streams.transport.publishers import declare_publishers
 from streams.transport.scheduler import Mover
 
-settings = get_settings()
+try:
+    settings = get_settings()
+except ValidationError as exc:  # refuse to start, naming each bad variable, without a traceback
+    raise SystemExit(f"pipeline: invalid settings: {describe_errors(exc)}") from None
 configure_logging(settings.log_level, settings.log_format)
 log = get_logger("pipeline.app")
 
@@ -56,15 +61,28 @@ CONSUMER = consumer_name()  # renewed at start-up: a worker forked from this pro
 # The Redis consumer name every worker reads under (the AsyncAPI document shows it): what a worker
 # holds is kept its own by id (streams.transport.keepalive), so workers need no names of their own.
 REDIS_CONSUMER = settings.consumer_name or "worker"
+REDIS_POOL_WAIT = 30.0  # seconds a Redis call waits for a free connection before it fails
 store = EventStore(
     settings.database_url,
     owner=CONSUMER,
     max_batch=settings.store_batch_max,
     max_wait=settings.store_batch_wait_ms / 1000,
 )
-redis_client: aioredis.Redis = aioredis.from_url(settings.redis_url)
+# Calls beyond the pool's size wait for a free connection (redis-py's default pool raises instead):
+# a worker with hundreds of messages in flight must slow down, not fail them.
+redis_client: aioredis.Redis = aioredis.Redis(
+    connection_pool=aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=REDIS_POOL_WAIT
+    )
+)
 crash_ledger = CrashLedger(redis_client)
-pipeline = Pipeline(settings, store, crashes=crash_ledger)
+limiter = Limiter(
+    redis_client,
+    settings.limits,
+    max_wait=settings.limit_max_wait,
+    lease_seconds={"mailer": settings.mailer_timeout, "llm": settings.llm_timeout},
+)
+pipeline = Pipeline(settings, store, crashes=crash_ledger, limiter=limiter)
 
 rabbit = RabbitBroker(
     settings.rabbit_url,
@@ -125,6 +143,7 @@ async def on_startup() -> None:
     mover.start()
     pipeline.relay.start()
     pipeline.monitor.start()
+    limiter.start()
     keepalive.start()
     log.info("starting", consumer=CONSUMER, settings=settings.safe_dump())
 
@@ -136,7 +155,7 @@ READY_CALLBACKS: list[Callable[[], None]] = []
 async def after_startup() -> None:
     """Tell whoever waits that this worker is consuming."""
     # What start-up made lives as long as the worker: out of the collector's sight, a full
-    # collection walks only what handling creates (85-145 ms with the loop stopped before, `make bench`).
+    # collection walks only what handling creates, so it stops the loop for less time.
     gc.freeze()
     for callback in READY_CALLBACKS:
         callback()
@@ -149,6 +168,7 @@ async def on_shutdown() -> None:
     await asyncio.gather(*(entries.drain(settings.graceful_timeout) for entries in IN_FLIGHT.values()))
     await mover.stop()  # scheduled retries stay in Redis for the next mover
     await pipeline.monitor.stop()
+    await limiter.stop()
     await pipeline.relay.stop(flush_timeout=settings.graceful_timeout / 2)
 
 
@@ -222,6 +242,7 @@ app = AsgiFastStream(
             _consumers,
             lambda: pipeline.breakers,
             pipeline.monitor,
+            limiter.status,
         ),
         ("/metrics", metrics_endpoint),
     ],

@@ -185,6 +185,12 @@ class Settings(BaseSettings):
             "(entries still running are acknowledged when they end)."
         ),
     )
+    redis_max_connections: int = Field(
+        64,
+        ge=4,
+        le=10_000,
+        description="Connections the worker's own Redis client opens at most; calls beyond it wait for a free one.",
+    )
     redis_polling_ms: int = Field(100, ge=1, description="How long one Redis stream read blocks waiting for entries.")
     redis_reclaim_polling_ms: int = Field(
         1_000, ge=1, description="How often a worker looks for entries a dead consumer left pending."

@@ -44,6 +44,9 @@ KEY_PREFIX = "pipeline:limits:"
 KEY_TTL_MS = 3_600_000
 # How long a throttled dependency still reports as throttled after its pause ended (no flapping).
 THROTTLE_HOLD = 2.0
+# Calls are spaced this much wider than the limit allows: evenly spaced calls at exactly the limit put
+# the N+1th call on the edge of the provider's window, where a few milliseconds of jitter make it a 429.
+PACE_MARGIN = 1.02
 # How often a waiter for a concurrency slot asks again (seconds, jittered).
 SLOT_POLL = (0.005, 0.025)
 
@@ -258,8 +261,8 @@ class Limiter(Periodic):
 
     async def _take_turn(self, dep: _Dependency, permit: Permit) -> None:
         limits = dep.limits
-        req_iv = 1000.0 / limits.requests_per_second if limits.requests_per_second else 0.0
-        tok_iv = 60_000.0 / limits.tokens_per_minute if limits.tokens_per_minute else 0.0
+        req_iv = PACE_MARGIN * 1000.0 / limits.requests_per_second if limits.requests_per_second else 0.0
+        tok_iv = PACE_MARGIN * 60_000.0 / limits.tokens_per_minute if limits.tokens_per_minute else 0.0
         if not req_iv and not tok_iv:
             await self._wait_for_pause(dep)
             return
@@ -267,8 +270,8 @@ class Limiter(Periodic):
         granted, wait_ms = await self.scripts.reserve(keys=[self.key(dep.name)], args=args)
         wait = float(wait_ms) / 1000
         if not int(granted):
-            reason = "tokens per minute" if tok_iv and permit.tokens else "requests per second"
-            raise MustWait(dep.name, wait, reason)
+            schedules = (("requests per second", req_iv), ("tokens per minute", tok_iv))
+            raise MustWait(dep.name, wait, " and ".join(name for name, iv in schedules if iv))
         if wait > 0:
             await asyncio.sleep(wait)
 
@@ -279,7 +282,7 @@ class Limiter(Periodic):
         metrics.DEPENDENCY_IN_FLIGHT.labels(dep.name).dec()
         await self._give_slot(dep, permit)
         if dep.limits.tokens_per_minute and used_tokens is not None and used_tokens != permit.tokens:
-            shift = (used_tokens - permit.tokens) * 60_000.0 / dep.limits.tokens_per_minute
+            shift = (used_tokens - permit.tokens) * PACE_MARGIN * 60_000.0 / dep.limits.tokens_per_minute
             await self.scripts.settle(keys=[self.key(dep.name)], args=[shift])
 
     async def throttled(self, name: str, retry_after: float) -> None:

@@ -337,6 +337,8 @@ async def clean_slate() -> None:
     """Empty the shared command queues, delay levels and streams, so no earlier test's leftovers
     (a retry coming due, a killed worker's pending entry) reach this test's fresh store."""
     from streams.core import names
+    from streams.core.settings import DEPENDENCIES
+    from streams.policy.limits import KEY_PREFIX
     from streams.transport import scheduler, topology
 
     conn = await aio_pika.connect(RABBIT_URL)
@@ -363,5 +365,7 @@ async def clean_slate() -> None:
             await client.delete(
                 stream, scheduler.schedule_key(stream), *(scheduler.entry_key(stream, str(r)) for r in retries)
             )
+        # An earlier test's pushback or schedule must not hold this one's workers back.
+        await client.delete(*(f"{KEY_PREFIX}{d}{suffix}" for d in DEPENDENCIES for suffix in ("", ":leases")))
     finally:
         await client.aclose()
