@@ -114,3 +114,7 @@ bench-profile: $(BENCH_STAMP) ## py-spy flame graphs of the worker draining Rabb
 .PHONY: soak
 soak: $(STAMP) ## one worker under a steady mixed load on both brokers (SOAK_RATE=800 msg/s, SOAK_SECONDS=3600): RSS and outcomes -> bench/results/soak-latest.*
 	$(BIN)/python -m bench.soak
+
+.PHONY: bench-io
+bench-io: $(BENCH_STAMP) ## the I/O-bound workload against local providers (mail API 100 ms, limits, LLM) -> bench/results/io-latest.* (BENCH_IO_QUICK=1: a smoke run)
+	$(BIN)/python -m bench.io
