@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from bench import pipeline, workload
-from bench.io.contenders import dramatiq_http
+from bench.io.config import DRAMATIQ_LIMITER_KEY
 
 EMAIL = "email"
 COMPLETION = "ai.completion"
@@ -59,9 +59,9 @@ async def reset_pipeline(rabbit_url: str, redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=LIMIT_KEYS, count=1000)]
-        keys.append(dramatiq_http.LIMITER_KEY)
-        keys.extend([k async for k in client.scan_iter(match=f"*{dramatiq_http.LIMITER_KEY}*", count=1000)])
-        await client.delete(*keys)
+        keys.extend([k async for k in client.scan_iter(match=f"*{DRAMATIQ_LIMITER_KEY}*", count=1000)])
+        if keys:
+            await client.delete(*keys)
     finally:
         await client.aclose()
 
@@ -108,6 +108,8 @@ async def preload_faststream(rabbit_url: str, n: int) -> None:
 
 async def preload_dramatiq(rabbit_url: str, n: int) -> None:
     """Dramatiq's queues declared by Dramatiq, then n of its messages (the same fields, its envelope)."""
+    from bench.io.contenders import dramatiq_http  # noqa: PLC0415 - Dramatiq is a bench extra: imported when used
+
     await asyncio.to_thread(dramatiq_http.declare, rabbit_url, DRAMATIQ_QUEUE)
     ids = list(workload.message_ids("dramatiq", n))
     bodies = ((ids[i], dramatiq_http.encode(DRAMATIQ_QUEUE, workload.email_payload(i), ids[i])) for i in range(n))

@@ -22,6 +22,7 @@ LIMITED: tuple[str, ...] = (
 LLM: tuple[str, ...] = ("llm-limits", "llm-nolimits")
 ALL: tuple[str, ...] = FREE + LIMITED + LLM
 
+DRAMATIQ_LIMITER_KEY = "bench-io-mailer"  # the Dramatiq WindowRateLimiter's key in the bench's Redis database
 MAILER_LIMITS = {"mailer": {"requests_per_second": 200, "max_concurrency": 64}}
 LLM_LIMITS = {"llm": {"tokens_per_minute": 60_000, "max_concurrency": 64}}
 

@@ -63,6 +63,10 @@ def _num(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _n(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
 def _range(s: stats.Summary, digits: int = 0) -> str:
     if s.count == 0:
         return "failed"
@@ -134,7 +138,7 @@ def _free(summary: dict[str, dict[str, stats.Summary]], cfg: dict[str, Any]) -> 
     lines = [
         "",
         f"## (a) A mail API at {cfg.get('mail_latency', 0.1) * 1000:.0f} ms a call, no limit "
-        f"(N = {cfg.get('free_n', '?'):,} e-mails)",
+        f"(N = {_n(cfg.get('free_n'))} e-mails)",
         "",
         "| contender | e-mails/s | pipeline / this | 429 % | dead letters | duplicates | max in flight | "
         "CPU µs / e-mail |",
@@ -162,7 +166,7 @@ def _limited(summary: dict[str, dict[str, stats.Summary]], cfg: dict[str, Any]) 
     lines = [
         "",
         f"## (b) The same API limited to {limit:,.0f} requests/s (429 + Retry-After: {cfg.get('retry_after', '1')} "
-        f"beyond; N = {cfg.get('limited_n', '?'):,})",
+        f"beyond; N = {_n(cfg.get('limited_n'))})",
         "",
         "| contender | e-mails/s | % of limit | steady 10–90 % | 429 % of requests | dead letters | duplicates | "
         "max accepted in 1 s |",

@@ -22,10 +22,10 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.rate_limits import WindowRateLimiter
 from dramatiq.rate_limits.backends import RedisBackend
 
+from bench.io.config import DRAMATIQ_LIMITER_KEY
 from schemas import SendEmail
 
 ACTOR = "send_email_http"
-LIMITER_KEY = "bench-io-mailer"
 # Backoff of a rate-limited or refused call: 1 s (the provider's Retry-After) doubling up to 10 s, 20 tries.
 # Dramatiq's defaults (15 s doubling up to 7 days) would leave a 5,000-message run waiting for hours.
 RETRIES: dict[str, Any] = {"max_retries": 20, "min_backoff": 1_000, "max_backoff": 10_000}
@@ -91,7 +91,7 @@ def serve(url: str, queue_name: str, mailer_url: str, threads: int, redis_url: s
     limiter = None
     if rate_limit > 0:
         backend = RedisBackend(url=redis_url)
-        limiter = WindowRateLimiter(backend, LIMITER_KEY, limit=rate_limit, window=1)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ unannotated
+        limiter = WindowRateLimiter(backend, DRAMATIQ_LIMITER_KEY, limit=rate_limit, window=1)  # type: ignore[no-untyped-call]  # dramatiq leaves __init__ unannotated
     declare_actor(broker, queue_name, mailer_url, limiter)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
