@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +164,10 @@ async def run_pipeline_mail(
     sample.details["limits"] = limits
     try:
         args = mail_args(cfg.mail_latency, provider_limit, cfg.retry_after)
-        async with provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov:
+        async with (
+            provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov,
+            stopping(started, sample),
+        ):
             extra = {"PIPELINE_MAILER": "http", "PIPELINE_MAILER_URL": prov.url + "/send"}
             if limits is not None:
                 extra["PIPELINE_LIMITS"] = limits
@@ -175,7 +180,6 @@ async def run_pipeline_mail(
             await watch(prov, w, sample)
             sample.details["peak_rss_mb"] = max(procstat.peak_rss_mb(p.pid) for p in started)
     finally:
-        stop_all(started, sample)
         await brokers.after_run(rabbit_url)
         await store.drop()
 
@@ -190,7 +194,10 @@ async def run_llm(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Pat
     sample.details["limits"] = limits
     try:
         args = model_args(cfg.model_latency, cfg.tokens_per_minute, cfg.completion_tokens)
-        async with provider("model", args, scratch / f"{sample.contender}-provider.log") as prov:
+        async with (
+            provider("model", args, scratch / f"{sample.contender}-provider.log") as prov,
+            stopping(started, sample),
+        ):
             extra = {"PIPELINE_LLM": "openai", "PIPELINE_LLM_URL": prov.url + "/v1"}
             if limits is not None:
                 extra["PIPELINE_LIMITS"] = limits
@@ -200,7 +207,6 @@ async def run_llm(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Pat
             w = Watch(started, sample.n, cfg.llm_seconds, 0, lambda: brokers.dead_letters(rabbit_url, dlq))
             await watch(prov, w, sample)
     finally:
-        stop_all(started, sample)
         await brokers.after_run(rabbit_url)
         await store.drop()
 
@@ -210,22 +216,24 @@ async def run_faststream(cfg: IoConfig, rabbit_url: str, sample: IoSample, scrat
     await brokers.preload_faststream(rabbit_url, sample.n)
     prefetch = pipeline.worker_prefetch()
     sample.details["prefetch"] = prefetch
-    proc: pipeline.Worker | None = None
+    started: list[pipeline.Worker] = []
+    args = mail_args(cfg.mail_latency, None, cfg.retry_after)
     try:
-        async with provider(
-            "mail", mail_args(cfg.mail_latency, None, cfg.retry_after), scratch / "fs-provider.log"
-        ) as prov:
+        async with (
+            provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov,
+            stopping(started, sample),
+        ):
             command = [
                 sys.executable, "-m", "bench.io.contenders.faststream_http", "--url", rabbit_url,
                 "--queue", brokers.FASTSTREAM_QUEUE, "--mailer-url", prov.url + "/send",
                 "--prefetch", str(prefetch), "--loop", loops.resolve(cfg.base.loop),
             ]  # fmt: skip
             proc = start_process(command, scratch, f"{sample.contender}-{sample.round}")
+            started.append(proc)
             w = Watch([proc], sample.n, cfg.max_seconds, 0, _none)
             await watch(prov, w, sample)
             sample.details["peak_rss_mb"] = procstat.peak_rss_mb(proc.pid)
     finally:
-        stop_all([proc] if proc is not None else [], sample)
         await brokers.after_run(rabbit_url)
 
 
@@ -245,30 +253,41 @@ async def run_dramatiq(
     await brokers.preload_dramatiq(rabbit_url, sample.n)
     sample.details["threads"] = threads
     sample.details["rate_limit"] = rate_limit
-    proc: pipeline.Worker | None = None
+    started: list[pipeline.Worker] = []
     try:
         args = mail_args(cfg.mail_latency, provider_limit, cfg.retry_after)
-        async with provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov:
+        async with (
+            provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov,
+            stopping(started, sample),
+        ):
             command = [
                 sys.executable, "-m", "bench.io.contenders.dramatiq_http", "--url", rabbit_url,
                 "--queue", brokers.DRAMATIQ_QUEUE, "--mailer-url", prov.url + "/send",
                 "--threads", str(threads), "--redis-url", cfg.base.redis_url, "--rate-limit", str(rate_limit),
             ]  # fmt: skip
             proc = start_process(command, scratch, f"{sample.contender}-{sample.round}")
+            started.append(proc)
             xq = f"{brokers.DRAMATIQ_QUEUE}.XQ"
             w = Watch([proc], sample.n, max_seconds, stall_seconds, lambda: brokers.dead_letters(rabbit_url, xq))
             await watch(prov, w, sample)
             sample.details["peak_rss_mb"] = procstat.peak_rss_mb(proc.pid)
     finally:
-        stop_all([proc] if proc is not None else [], sample)
         await brokers.after_run(rabbit_url)
 
 
-def stop_all(processes: Sequence[pipeline.Worker], sample: IoSample) -> None:
-    """SIGTERM each (SIGKILL after 30 s); how long the graceful stop took, and the exit codes, go in the details."""
-    t0 = time.monotonic()
-    sample.details["exit_codes"] = [p.stop() for p in processes]
-    sample.details["stop_seconds"] = round(time.monotonic() - t0, 2)
+@contextlib.asynccontextmanager
+async def stopping(processes: list[pipeline.Worker], sample: IoSample) -> AsyncIterator[None]:
+    """On the way out, SIGTERM the processes started meanwhile (SIGKILL after 30 s), while the provider
+    still answers (stopped first, it would fail their last calls); the stop's duration, the exit codes
+    and the logs' tails go in the details (the scratch directory goes away)."""
+    try:
+        yield
+    finally:
+        t0 = time.monotonic()
+        sample.details["exit_codes"] = list(await asyncio.gather(*(asyncio.to_thread(p.stop) for p in processes)))
+        sample.details["stop_seconds"] = round(time.monotonic() - t0, 2)
+        lines = int(os.environ.get("BENCH_IO_LOG_LINES", "15"))
+        sample.details["log_tails"] = [p.tail(lines=lines) for p in processes]
 
 
 async def _none() -> int:
