@@ -184,6 +184,7 @@ class Pipeline:
             log.info("duplicate skipped at commit", stream_id=stream_id)
             return
         self.relay.kick()
+        await self.relay.room()  # outcomes go out no slower than they are committed
         if env.published_at is not None:
             metrics.END_TO_END.labels(env.transport, flow.name).observe(max(time.time() - env.published_at, 0.0))
         faults.crash_at("after_commit", env.body)

@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from streams.core import faults, metrics
 from streams.core.envelope import Transport
@@ -49,6 +48,7 @@ class Relay:
         batch: int = 500,
         interval: float = 1.0,
         orphaned_after: float = 30.0,
+        max_ready: int = 2_000,
     ) -> None:
         self.store = store
         self.outlets = outlets
@@ -67,6 +67,11 @@ class Relay:
         self._held: set[str] = set()
         self._ready: list[PendingEvent] = []
         self._scan = True  # read the table next: rows from before, taken over, or left by a failure
+        # Committed rows waiting in memory, at most: beyond it, `room` holds the committers back, so a
+        # relay slower than the handlers leaves the backlog in the broker, not in this process.
+        self.max_ready = max_ready
+        self._room = asyncio.Event()
+        self._room.set()
 
     def listen(self) -> None:
         """Publish what this relay's store commits from memory (the table is read only when needed)."""
@@ -82,11 +87,21 @@ class Relay:
     def committed(self, rows: Sequence[PendingEvent]) -> None:
         """Committed: publish them soon, from memory.
 
-        Not a kick: whoever committed publishes them now (`publish_committed`, a lane) or kicks
-        (`Pipeline.run`, a dead letter); waking the background relay as well would cost a task
-        wakeup, a timeout and a turn of the lock a batch, only to find nothing left. It wakes every
-        `interval` anyway."""
+        Not a kick: whoever committed kicks (`Pipeline.run`, a dead letter) once its commit is done."""
         self._ready.extend(rows)
+        if len(self._ready) >= self.max_ready:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Wait while more committed rows wait in memory than `max_ready` (and the relay runs to take them)."""
+        if self._room.is_set() or self._task is None or self._task.done():
+            return
+        self.kick()
+        await self._room.wait()
+
+    def _ready_taken(self) -> None:
+        if len(self._ready) < self.max_ready:
+            self._room.set()
 
     def abandon(self, rows: Sequence[PendingEvent]) -> None:
         """Not committed after all."""
@@ -126,16 +141,6 @@ class Relay:
             pass
         await self.store.flush_marks()
 
-    async def publish_committed(self) -> None:
-        """Publish what is committed and waiting, now: a lane that waits for its outcomes cannot
-        commit faster than they go out (the backlog would grow in memory while the loop is busy)."""
-        try:
-            while self._ready:
-                await self.relay_once(claim=False)
-        except Exception as exc:  # noqa: BLE001 - committed: the background relay publishes them later
-            log.warning("outcomes not published yet; the relay retries", error=repr(exc))
-            self.kick()
-
     async def relay_once(self, *, claim: bool = True) -> int:
         """Publish one batch in order (first taking over orphaned rows, with `claim`); returns how many."""
         async with self._lock:
@@ -162,37 +167,52 @@ class Relay:
 
     async def _relay_memory(self) -> int:
         rows, self._ready = self._ready[: self.batch], self._ready[self.batch :]
+        self._ready_taken()
         try:
             return len(await self._publish(rows))
         except BaseException:
             # What did not go out is in the table: read from there, in order, before the rest.
             self._held.difference_update(r.event_id for r in self._ready)
             self._ready.clear()
+            self._ready_taken()
             self._scan = True
             raise
         finally:
             self._held.difference_update(r.event_id for r in rows)
 
     async def _publish(self, pending: Sequence[PendingEvent]) -> list[str]:
-        """Publish rows in order, consecutive rows of one broker together; mark what went out."""
+        """Publish rows, each broker's in outbox order and the brokers side by side; mark what went out.
+
+        Order is kept per broker: the two brokers' rows interleave in the outbox, and publishing them
+        run by run would wait for a round trip at every switch."""
         done: list[str] = []
+        by_transport: dict[str, list[PendingEvent]] = {}
+        for row in pending:
+            by_transport.setdefault(row.transport, []).append(row)
         try:
-            # Consecutive rows of one broker go out together (concurrent confirms on RabbitMQ, one
-            # pipeline on Redis), in outbox order.
-            for transport, run in itertools.groupby(pending, key=lambda r: r.transport):
-                rows = list(run)
-                for row in rows:
-                    faults.crash_at("before_publish", row.payload)
-                await self.outlets[transport].publish_events(rows)
-                done.extend(r.event_id for r in rows)
-                for event_type, count in collections.Counter(r.event_type for r in rows).items():
-                    metrics.EVENTS_PUBLISHED.labels(transport, event_type).inc(count)
+            results = await asyncio.gather(
+                *(self._publish_one(transport, rows) for transport, rows in by_transport.items()),
+                return_exceptions=True,
+            )
+            for rows, result in zip(by_transport.values(), results, strict=True):
+                if not isinstance(result, BaseException):
+                    done.extend(r.event_id for r in rows)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         finally:
             # Mark what went out even when a later run failed: it must not go out twice. In the
             # next group commit: a transaction of its own would cost each batch a BEGIN and a COMMIT.
             await self.store.mark_published_soon(done)
             self.published += len(done)
         return done
+
+    async def _publish_one(self, transport: str, rows: list[PendingEvent]) -> None:
+        for row in rows:
+            faults.crash_at("before_publish", row.payload)
+        await self.outlets[cast("Transport", transport)].publish_events(rows)
+        for event_type, count in collections.Counter(r.event_type for r in rows).items():
+            metrics.EVENTS_PUBLISHED.labels(transport, event_type).inc(count)
 
     async def _run(self) -> None:
         while not self._stopping:

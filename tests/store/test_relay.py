@@ -91,11 +91,11 @@ class FakeOutlet:
         raise NotImplementedError
 
 
-async def commit_events(store: EventStore, n: int) -> list[str]:
-    """Commit `n` published events, alternating transports; returns their event ids in commit order."""
+async def commit_events(store: EventStore, n: int, *, both: bool = False) -> list[str]:
+    """Commit `n` published events (for RabbitMQ, or `both` brokers in turn); returns their ids in commit order."""
     ids: list[str] = []
     for i in range(n):
-        unit = sent(env=envelope(transport="rabbit" if i % 2 else "redis"))
+        unit = sent(env=envelope(transport="rabbit" if i % 2 or not both else "redis"))
         await store.commit(unit)
         ids.append(unit.events[0].event_id)
     return ids
@@ -112,18 +112,20 @@ async def eventually(predicate: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def test_relay_publishes_in_outbox_order(store: EventStore) -> None:
-    """relay_once publishes every pending row, oldest first, through its transport's outlet, and marks it."""
-    ids = await commit_events(store, 6)
+    """relay_once publishes every pending row through its outlet, each broker's oldest first, and marks it."""
+    ids = await commit_events(store, 6, both=True)
     pending = await store.unpublished()
+    assert len({r.transport for r in pending}) == 2  # both brokers' rows, interleaved
     broker = FakeBroker()
     relay = Relay(store, broker.outlets())
 
     assert await relay.relay_once() == 6
 
-    assert broker.event_ids == ids
-    assert [(p.transport, p.event_type, p.message_id, p.correlation_id, p.payload) for p in broker.log] == [
-        (r.transport, r.event_type, r.message_id, r.correlation_id, r.payload) for r in pending
-    ]
+    assert sorted(broker.event_ids) == sorted(ids)
+    for transport in ("rabbit", "redis"):
+        assert [
+            (p.event_type, p.message_id, p.correlation_id, p.payload) for p in broker.log if p.transport == transport
+        ] == [(r.event_type, r.message_id, r.correlation_id, r.payload) for r in pending if r.transport == transport]
     assert await store.unpublished() == []
     assert await store.outbox_backlog() == (0, 0.0)
     assert relay.published == 6
@@ -148,8 +150,9 @@ async def test_outage_marks_nothing_and_loses_nothing(store: EventStore) -> None
     assert broker.event_ids == ids
 
 
-async def test_failure_mid_batch_keeps_what_went_out(store: EventStore) -> None:
-    """When the broker fails mid-batch, rows already published are marked and never published again."""
+async def test_failure_mid_batch_publishes_the_run_again_in_order(store: EventStore) -> None:
+    """When a broker fails mid-run, the run stays unmarked and goes out again whole, in order: at least
+    once (a broker's confirms do not say which of a failed run arrived; consumers dedupe on event_id)."""
     ids = await commit_events(store, 5)
     broker = FakeBroker(down_for={3})
     relay = Relay(store, broker.outlets())
@@ -157,10 +160,11 @@ async def test_failure_mid_batch_keeps_what_went_out(store: EventStore) -> None:
     with pytest.raises(BrokerDownError):
         await relay.relay_once()
     assert broker.event_ids == ids[:2]
-    assert [p.event_id for p in await store.unpublished()] == ids[2:]
+    assert [p.event_id for p in await store.unpublished()] == ids
 
-    assert await relay.relay_once() == 3
-    assert broker.event_ids == ids
+    assert await relay.relay_once() == 5
+    assert broker.event_ids == ids[:2] + ids
+    assert await store.unpublished() == []
 
 
 async def test_flush_drains_the_outbox(store: EventStore) -> None:
@@ -316,10 +320,10 @@ async def test_a_failed_publish_from_memory_is_read_back_in_order_before_newer_r
     first = await commit_events(store, 4)
     with pytest.raises(BrokerDownError):
         await relay.relay_once()
-    assert broker.event_ids == first[:2], "what went out before the failure stays out"
+    assert broker.event_ids == first[:2]
     later = await commit_events(store, 2)
     await relay.flush()
-    assert broker.event_ids == first + later, "the rest once each, the older ones first"
+    assert broker.event_ids == first[:2] + first + later, "the failed run again, whole, before the newer rows"
     assert await store.unpublished() == []
 
 
@@ -445,3 +449,61 @@ async def test_closing_the_store_marks_what_it_holds(store_url: str) -> None:
         assert await unmarked_in_table(reopened, ids) == set()
     finally:
         await reopened.close()
+
+
+async def test_one_broker_down_does_not_hold_back_the_other(store: EventStore) -> None:
+    """Rows of both brokers in one batch: the one that is up publishes and marks its rows; the other's
+    stay in the table and go out later, in their order, once each."""
+    ids = await commit_events(store, 6, both=True)
+    transport_of = {r.event_id: r.transport for r in await store.unpublished()}
+    broker = FakeBroker()
+    outlets = broker.outlets()
+    redis_down = FakeBroker(down_for=range(1, 100))
+    outlets["redis"] = FakeOutlet("redis", redis_down)
+    relay = Relay(store, outlets)
+
+    with pytest.raises(BrokerDownError):
+        await relay.relay_once()
+    rabbit_ids = [i for i in ids if transport_of[i] == "rabbit"]
+    redis_ids = [i for i in ids if transport_of[i] == "redis"]
+    assert broker.event_ids == rabbit_ids
+    await store.flush_marks()
+    assert await unmarked_in_table(store, ids) == set(redis_ids)
+
+    outlets["redis"] = FakeOutlet("redis", broker)  # back
+    assert await relay.relay_once() == len(redis_ids)
+    assert broker.event_ids == rabbit_ids + redis_ids
+    assert await store.unpublished() == []
+
+
+async def test_committers_wait_while_too_many_outcomes_wait_in_memory(store: EventStore) -> None:
+    """Beyond `max_ready` committed rows waiting in memory, `room()` holds the committer until the relay
+    took them: a relay slower than the handlers leaves the backlog in the broker, not in memory."""
+    gate = asyncio.Event()
+
+    async def hold(attempt: int) -> None:
+        await gate.wait()
+
+    broker = FakeBroker(on_attempt=hold)
+    relay = Relay(store, broker.outlets(), max_ready=3)
+    relay.listen()
+    relay.start()
+    try:
+        first = await commit_events(store, 3)
+        relay.kick()
+        await eventually(lambda: _true(broker.attempts >= 1))  # the relay took them and is stuck publishing
+        later = await commit_events(store, 3)
+        waiting = asyncio.create_task(relay.room())
+        done, _ = await asyncio.wait({waiting}, timeout=0.3)
+        assert not done, "room() returned with max_ready rows waiting and the relay stuck"
+        gate.set()
+        await asyncio.wait_for(waiting, WAIT)
+        await relay.flush()
+        assert broker.event_ids == first + later
+    finally:
+        gate.set()
+        await relay.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
