@@ -16,6 +16,7 @@ LABELS = {
     "pipeline": "pipeline, 1 worker (HTTP mailer, SQLite)",
     "faststream-httpx": "bare FastStream + httpx.AsyncClient",
     "dramatiq-httpx": "Dramatiq, threads + httpx.Client",
+    "httpx-alone": "httpx.AsyncClient alone, the pipeline's pool (no broker)",
     "pipeline-limits-1w": "pipeline, 1 worker, PIPELINE_LIMITS",
     "pipeline-limits-3w": "pipeline, 3 workers, PIPELINE_LIMITS",
     "pipeline-nolimits-1w": "pipeline, 1 worker, Retry-After only",
@@ -234,6 +235,9 @@ def notes(cfg: dict[str, Any]) -> list[str]:
         "POST runs inside `dramatiq.rate_limits.WindowRateLimiter` (limit per 1 s window, RedisBackend on the "
         "bench's Redis database), whose RateLimitExceeded, like a 429, is retried by Dramatiq's Retries "
         "middleware (backoff 1 s doubling to 10 s, 20 retries; its dead letters: `<queue>.XQ`).",
+        "httpx.AsyncClient alone: no broker, no validation: one process sending the same POSTs through one "
+        "client with the pipeline's pool limits (100 connections, 20 kept alive), as many in flight as the "
+        "worker's prefetch; the client side's own ceiling on this machine.",
     ]
 
 

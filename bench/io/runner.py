@@ -63,6 +63,7 @@ def contender_runs(cfg: IoConfig) -> dict[str, tuple[str, int, Run]]:
         "pipeline": ("free", cfg.free_n, free_pipeline),
         "faststream-httpx": ("free", cfg.free_n, runs.run_faststream),
         "dramatiq-httpx": ("free", cfg.free_n, free_dramatiq),
+        "httpx-alone": ("free", cfg.free_n, runs.run_httpx_alone),
         "pipeline-limits-1w": ("limited", cfg.limited_n, limited(1, cfg.mailer_limits)),
         "pipeline-limits-3w": ("limited", cfg.limited_n, limited(3, cfg.mailer_limits)),
         "pipeline-nolimits-1w": ("limited", cfg.limited_n, limited(1, None)),

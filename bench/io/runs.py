@@ -237,6 +237,23 @@ async def run_faststream(cfg: IoConfig, rabbit_url: str, sample: IoSample, scrat
         await brokers.after_run(rabbit_url)
 
 
+async def run_httpx_alone(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Path) -> None:
+    """The client side alone: N POSTs through httpx with the pipeline's pool, the worker's prefetch in flight."""
+    prefetch = pipeline.worker_prefetch()
+    sample.details["concurrency"] = prefetch
+    started: list[pipeline.Worker] = []
+    args = mail_args(cfg.mail_latency, None, cfg.retry_after)
+    async with provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov, stopping(started, sample):
+        command = [
+            sys.executable, "-m", "bench.io.contenders.httpx_alone", "--mailer-url", prov.url + "/send",
+            "--n", str(sample.n), "--concurrency", str(prefetch), "--loop", loops.resolve(cfg.base.loop),
+        ]  # fmt: skip
+        proc = start_process(command, scratch, f"{sample.contender}-{sample.round}")
+        started.append(proc)
+        await watch(prov, Watch([proc], sample.n, cfg.max_seconds, 0, _none), sample)
+        sample.details["peak_rss_mb"] = procstat.peak_rss_mb(proc.pid)
+
+
 async def run_dramatiq(
     cfg: IoConfig,
     rabbit_url: str,
