@@ -136,8 +136,9 @@ class Soak:
                                 f"{consumer['name']!r} active {consumer['idle']} ms ago"
                             )
             me = await client.client_id()
+            db = str(client.connection_pool.connection_kwargs.get("db", 0))
             for info in await client.client_list():
-                if int(info["id"]) == me:
+                if int(info["id"]) == me or info.get("db") != db:  # another database: not our streams
                     continue
                 cmd = info["cmd"].split("|")[0]
                 # A reader, or any client of streams or scripts still connected (a test's probe between workers).
