@@ -80,8 +80,9 @@ def make_routes(
         named["subscribers"] = "ok" if subs and not stopped else f"failing: not consuming: {', '.join(stopped)}"
         degraded = []
         for name, breaker in breakers().items():
-            named[f"breaker:{name}"] = breaker.state.name.lower()
-            if breaker.state is State.OPEN:
+            status = breaker.status
+            named[f"breaker:{name}"] = status.name.lower()
+            if status is State.OPEN:
                 degraded.append(name)
         healthy = ok and bool(subs) and not stopped and not degraded
         return report(healthy, named, degraded=degraded)

@@ -51,6 +51,14 @@ class Breaker:
         return self.state is State.CLOSED
 
     @property
+    def status(self) -> State:
+        """The state as health reports it: an open breaker whose recovery time passed lets the next
+        message through (half-open), whether or not one has arrived yet."""
+        if self.state is State.OPEN and time.monotonic() >= self.opened_at + self.recovery:
+            return State.HALF_OPEN
+        return self.state
+
+    @property
     def _cond(self) -> asyncio.Condition:
         loop = asyncio.get_running_loop()
         if self._changed is None or self._loop is not loop:

@@ -68,3 +68,15 @@ async def test_probe_ending_without_verdict_frees_its_slot() -> None:
 def test_state_values_are_the_exported_gauge_values(state: State) -> None:
     """The gauge `pipeline_breaker_state` reads 0 closed, 1 half-open, 2 open."""
     assert int(state) == {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}[state.name]
+
+
+async def test_health_sees_an_open_breaker_as_half_open_once_its_recovery_passed() -> None:
+    """With no message waiting, an open breaker is reported half-open after `recovery` (readiness comes back)."""
+    breaker = Breaker("mailer", threshold=1, recovery=0.05)
+    await breaker.failure()
+    assert breaker.status is State.OPEN
+    deadline = asyncio.get_running_loop().time() + 5
+    while breaker.status is State.OPEN and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - a clock, nothing to await
+        await asyncio.sleep(0.01)
+    assert breaker.status is State.HALF_OPEN
+    assert state_of(breaker) is State.OPEN  # nothing changed: the next message is the probe
