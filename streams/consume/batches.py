@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from handlers.errors import InvalidMessageError
 from schemas.base import Message
 from streams.consume.pipeline import Delivery, Pipeline
+from streams.core import names
 from streams.core.envelope import Envelope
 from streams.core.logging import bind_message, get_logger, unbind_message
 from streams.flows.flow import Flow
@@ -28,6 +29,10 @@ log = get_logger("pipeline.batches")
 
 C = TypeVar("C", bound=Message)
 DATA_KEY = b"__data__"
+# Fields of a plain stream entry that are about the message, not the command.
+MESSAGE_FIELDS = frozenset(
+    {*names.DEAD_LETTER_HEADERS, "message_id", "correlation_id", "content-type", names.H_REPLAYED_FROM}
+)
 
 
 def decode(flow: Flow[C], env: Envelope) -> C:
@@ -38,7 +43,9 @@ def decode(flow: Flow[C], env: Envelope) -> C:
             fields = {k.decode(): v.decode() for k, v in env.fields.items()}
         except UnicodeDecodeError as exc:
             raise InvalidMessageError("stream entry fields are not UTF-8 text") from exc
-        return flow.command.model_validate(fields)
+        # Ids, retry and replay headers ride beside the command's fields (a retried or replayed copy
+        # carries them): they describe the message, they are not part of the command.
+        return flow.command.model_validate({k: v for k, v in fields.items() if k not in MESSAGE_FIELDS})
     content_type = env.headers.get("content-type")
     if content_type and content_type != "application/octet-stream" and not content_type.startswith("application/json"):
         raise InvalidMessageError(f"content type {content_type!r} is not JSON")

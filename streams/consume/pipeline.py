@@ -335,7 +335,7 @@ class Pipeline:
         # redelivers the message, which is then parked without a second record; a crash after it
         # (before the ack) finds it parked and only acknowledges. The key is this failure's, so a
         # replay that fails again is recorded and parked again.
-        replayed_from = env.headers.get("x-replayed-from", "")
+        replayed_from = env.headers.get(names.H_REPLAYED_FROM, "")
         key = f"dead-letter:{failure.kind.value}:{env.attempt}:{replayed_from}"
         # Written once the broker confirmed the parked copy. Its digest covers the queue and the
         # bytes too: two different messages a producer sent under one id are each parked.

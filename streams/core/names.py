@@ -36,6 +36,7 @@ H_ORIGINAL_QUEUE: Final = "x-original-queue"
 H_ATTEMPTS: Final = "x-attempts"
 H_FIRST_FAILURE_AT: Final = "x-first-failure-at"
 H_LAST_FAILURE_AT: Final = "x-last-failure-at"
+H_REPLAYED_FROM: Final = "x-replayed-from"  # a replayed dead letter: the id of its dead_letters row
 
 # Every header a dead letter carries (DESIGN.md).
 DEAD_LETTER_HEADERS: Final = (

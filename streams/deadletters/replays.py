@@ -20,7 +20,7 @@ from streams.core import names
 from streams.deadletters.model import DeadLetter, decode_fields
 from streams.deadletters.queries import mark_replayed
 
-H_REPLAYED_FROM = "x-replayed-from"
+H_REPLAYED_FROM = names.H_REPLAYED_FROM
 DATA_KEY = b"__data__"
 # What the pipeline and the broker add on failure; dropped on replay so the message starts afresh.
 FAILURE_HEADERS = frozenset(

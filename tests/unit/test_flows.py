@@ -14,15 +14,19 @@ import pytest
 from faststream.rabbit import TestRabbitBroker
 from faststream.redis import TestRedisBroker
 from faststream.redis.parser.binary import BinaryMessageFormatV1
+from pydantic import ValidationError
 
 from handlers.ports import CompletionModel
 from schemas import Event, FailureKind, MessageContext, RequestCompletion
 from schemas.base import Message
+from streams.consume.batches import decode
 from streams.core import names
 from streams.eventstore.store import EventStore
+from streams.flows.catalog import EMAIL
 from streams.flows.deps import get_mailer, get_model
 from streams.flows.flow import Flow
 from streams.transport import topology
+from streams.transport.outlets import RedisOutlet
 from tests.conftest import CountingLedger, RecordingRedis
 
 
@@ -194,3 +198,32 @@ def _succeeded(app: Any, broker: str) -> list[dict[str, Any]]:
     if broker == "rabbit":
         return [c.args[0] for c in app.publishers.rabbit_events["completion.succeeded"].mock.call_args_list]
     return _redis_events(app, "completion.succeeded")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"message_id": "m-1", "correlation_id": "c-1"},  # ids a plain producer sets beside the fields
+        {"x-attempts": "2", "x-first-failure-at": "2026-01-01T00:00:00+00:00", "message-id": "m-1"},  # a retry
+        {"x-replayed-from": "17", "message-id": "m-1"},  # a replayed dead letter
+    ],
+)
+def test_a_plain_stream_entry_is_its_command_beside_its_message_headers(extra: dict[str, str]) -> None:
+    """A plain entry's fields are the command; the ids, retry and replay headers beside them are not."""
+    fields = {b"to": b"ada@example.com", b"subject": b"Hi", b"body": b"Hello"}
+    fields.update({k.encode(): v.encode() for k, v in extra.items()})
+    env = RedisOutlet.entry(names.EMAIL_STREAM, "1-0", fields)
+    cmd = decode(EMAIL, env)
+    assert (str(cmd.to), cmd.subject, cmd.body) == ("ada@example.com", "Hi", "Hello")
+
+
+def test_a_plain_stream_entry_with_a_field_the_command_does_not_know_is_invalid() -> None:
+    """Unknown fields are still refused: only the message's own headers are set aside."""
+    env = RedisOutlet.entry(
+        names.EMAIL_STREAM,
+        "1-0",
+        {b"to": b"ada@example.com", b"subject": b"Hi", b"body": b"x", b"cc": b"b@example.com"},
+    )
+    with pytest.raises(ValidationError):
+        decode(EMAIL, env)
