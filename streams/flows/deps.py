@@ -14,6 +14,9 @@ from handlers.ports import CompletionModel, Mailer
 from streams.core.settings import Settings
 
 
+HTTP_CONNECTIONS = 256  # per worker, shared by the mailer and the model
+
+
 @dataclass
 class Adapters:
     """The process's mailer and completion model, and the HTTP client they share."""
@@ -29,7 +32,9 @@ class Adapters:
         if settings.mailer == "http" or settings.llm == "openai":
             adapters.client = httpx.AsyncClient(
                 timeout=httpx.Timeout(max(settings.mailer_timeout, settings.llm_timeout), connect=5.0),
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                # As many connections as messages a worker holds at once, all kept open: a call that
+                # has to open a connection first pays a handshake, at every call beyond the pool.
+                limits=httpx.Limits(max_connections=HTTP_CONNECTIONS, max_keepalive_connections=HTTP_CONNECTIONS),
             )
         if settings.mailer == "http" and adapters.client is not None:
             key = settings.mailer_api_key.get_secret_value() if settings.mailer_api_key else None
