@@ -13,7 +13,6 @@ from handlers.models import EchoModel, OpenAIModel
 from handlers.ports import CompletionModel, Mailer
 from streams.core.settings import Settings
 
-
 HTTP_CONNECTIONS = 256  # per worker, shared by the mailer and the model
 
 
