@@ -35,7 +35,8 @@ class Flow(Generic[C]):
     description: str = ""
     # An event recorded (not published) when the command first arrives, before the handler runs.
     requested: Callable[[C, MessageContext], Event] | None = None
-    # For a dependency limited in tokens (PIPELINE_LIMITS `tokens_per_minute`): the tokens a command
-    # is expected to use, reserved before the call, and those its outcome reports, settled after it.
+    # For a dependency limited in tokens (PIPELINE_LIMITS `tokens_per_minute`): the tokens a command's
+    # input is expected to use (the limiter adds the answer's, learned from reported usage), and
+    # those its outcome reports, settled after the call.
     tokens: Callable[[C], int] | None = None
     used_tokens: Callable[[Event], int | None] | None = None

@@ -6,7 +6,8 @@ A call to a dependency (the mail provider, the LLM API) first takes a permit her
   lapses), so a worker that dies holding one gives it back after the lease time;
 - `requests_per_second` and `tokens_per_minute`: a reservation on a shared schedule (GCRA: each
   permit reserves the next free slot, `1 / rate` after the last one; a completion reserves its
-  estimated tokens, and `Permit.release` settles with the provider's reported usage);
+  prompt's estimate plus what recent answers used, and `Permit.release` settles with the
+  provider's reported usage);
 - a provider's `Retry-After` (`throttled`) pauses the dependency for every worker until then.
 
 A permit that would wait longer than `max_wait` is not reserved: `MustWait` tells the caller to
@@ -47,6 +48,10 @@ THROTTLE_HOLD = 2.0
 # Calls are spaced this much wider than the limit allows: evenly spaced calls at exactly the limit put
 # the N+1th call on the edge of the provider's window, where a few milliseconds of jitter make it a 429.
 PACE_MARGIN = 1.02
+# Tokens reserved for an answer until this worker has seen what the provider's answers use;
+# after that, a moving average of what they used (ANSWER_WEIGHT: the newest one's share).
+DEFAULT_ANSWER_TOKENS = 256
+ANSWER_WEIGHT = 0.2
 # How often a waiter for a concurrency slot asks again (seconds, jittered).
 SLOT_POLL = (0.005, 0.025)
 
@@ -114,7 +119,8 @@ class Permit:
     limiter: Limiter
     dependency: str
     lease: str | None = None
-    tokens: int = 0
+    tokens: int = 0  # reserved: the input's estimate plus the answer's
+    prompt: int = 0  # the input's estimate
     released: bool = False
 
     async def release(self, used_tokens: int | None = None) -> None:
@@ -137,6 +143,9 @@ class _Dependency:
     waiting: int = 0
     pushed_back: int = 0
     last_pushback: float = 0.0
+    # Tokens an answer is expected to use, learned from the usage the provider reports.
+    answer_tokens: float = DEFAULT_ANSWER_TOKENS
+    answers_seen: int = 0
 
     @property
     def enforced(self) -> bool:
@@ -202,10 +211,14 @@ class Limiter(Periodic):
         return f"{KEY_PREFIX}{name}"
 
     async def acquire(self, name: str, tokens: int = 0) -> Permit:
-        """Wait for a permit to call dependency `name` (reserving `tokens`); `MustWait` when too long."""
+        """Wait for a permit to call dependency `name`; `MustWait` when too long. With a token budget,
+        it reserves `tokens` (the input's estimate) plus what an answer is expected to use."""
         dep = self.dependency(name)
         started = time.monotonic()
-        permit = Permit(self, name, tokens=tokens if dep.limits.tokens_per_minute else 0)
+        permit = Permit(self, name)
+        if dep.limits.tokens_per_minute:
+            permit.prompt = tokens
+            permit.tokens = tokens + round(dep.answer_tokens)
         dep.waiting += 1
         try:
             if not dep.enforced:
@@ -281,6 +294,11 @@ class Limiter(Periodic):
         dep.in_flight -= 1
         metrics.DEPENDENCY_IN_FLIGHT.labels(dep.name).dec()
         await self._give_slot(dep, permit)
+        if dep.limits.tokens_per_minute and used_tokens:
+            answer = max(used_tokens - permit.prompt, 0)
+            weight = ANSWER_WEIGHT if dep.answers_seen else 1.0
+            dep.answer_tokens += weight * (answer - dep.answer_tokens)
+            dep.answers_seen += 1
         if dep.limits.tokens_per_minute and used_tokens is not None and used_tokens != permit.tokens:
             shift = (used_tokens - permit.tokens) * PACE_MARGIN * 60_000.0 / dep.limits.tokens_per_minute
             await self.scripts.settle(keys=[self.key(dep.name)], args=[shift])

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from streams.core.settings import DependencyLimits
-from streams.policy.limits import KEY_PREFIX, PACE_MARGIN, Limiter, MustWait
+from streams.policy.limits import ANSWER_WEIGHT, DEFAULT_ANSWER_TOKENS, KEY_PREFIX, PACE_MARGIN, Limiter, MustWait
 from tests.conftest import require
 from tests.connected.conftest import REDIS_URL
 
@@ -164,5 +164,24 @@ async def test_a_new_limit_applies_from_the_next_start(client: aioredis.Redis) -
             await (await fast.acquire(name)).release()
         # At 2/s these would take 10 s; at 50/s 0.4 s, plus at most the 0.5 s left of the old slot.
         assert time.monotonic() - started < 2.0
+    finally:
+        await cleanup(client, name)
+
+
+async def test_an_answers_tokens_are_learned_from_the_reported_usage(client: aioredis.Redis) -> None:
+    """Until an answer was seen, a call reserves 256 tokens for it; after, what answers used (a moving average)."""
+    name = dependency()
+    limiter = Limiter(client, {name: DependencyLimits(tokens_per_minute=6_000_000)}, max_wait=5)
+    try:
+        first = await limiter.acquire(name, tokens=50)
+        assert first.tokens == 50 + DEFAULT_ANSWER_TOKENS
+        await first.release(used_tokens=50 + 40)  # the answer used 40
+        second = await limiter.acquire(name, tokens=30)
+        assert second.tokens == 30 + 40
+        await second.release(used_tokens=30 + 90)  # then 90: the estimate moves a fifth of the way
+        third = await limiter.acquire(name, tokens=10)
+        assert third.tokens == 10 + round(40 + ANSWER_WEIGHT * (90 - 40))
+        await third.release(used_tokens=0)  # refused by the provider: nothing learned
+        assert limiter.dependency(name).answers_seen == 2
     finally:
         await cleanup(client, name)
