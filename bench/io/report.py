@@ -236,7 +236,7 @@ def notes(cfg: dict[str, Any]) -> list[str]:
         "bench's Redis database), whose RateLimitExceeded, like a 429, is retried by Dramatiq's Retries "
         "middleware (backoff 1 s doubling to 10 s, 20 retries; its dead letters: `<queue>.XQ`).",
         "httpx.AsyncClient alone: no broker, no validation: one process sending the same POSTs through one "
-        "client with the pipeline's pool limits (256 connections, all kept alive), as many in flight as the "
+        "client with the pipeline's pool limits (100 connections, 20 kept alive), as many in flight as the "
         "worker's prefetch; the client side's own ceiling on this machine.",
     ]
 

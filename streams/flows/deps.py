@@ -13,7 +13,8 @@ from handlers.models import EchoModel, OpenAIModel
 from handlers.ports import CompletionModel, Mailer
 from streams.core.settings import Settings
 
-HTTP_CONNECTIONS = 256  # per worker, shared by the mailer and the model
+HTTP_CONNECTIONS = 100  # per worker, shared by the mailer and the model
+HTTP_KEEPALIVE = 20
 
 
 @dataclass
@@ -31,9 +32,9 @@ class Adapters:
         if settings.mailer == "http" or settings.llm == "openai":
             adapters.client = httpx.AsyncClient(
                 timeout=httpx.Timeout(max(settings.mailer_timeout, settings.llm_timeout), connect=5.0),
-                # As many connections as messages a worker holds at once, all kept open: a call that
-                # has to open a connection first pays a handshake, at every call beyond the pool.
-                limits=httpx.Limits(max_connections=HTTP_CONNECTIONS, max_keepalive_connections=HTTP_CONNECTIONS),
+                # httpcore scans its whole pool to place each request: a smaller pool costs less per
+                # call than one connection for every message in flight (bench/io, pool shapes).
+                limits=httpx.Limits(max_connections=HTTP_CONNECTIONS, max_keepalive_connections=HTTP_KEEPALIVE),
             )
         if settings.mailer == "http" and adapters.client is not None:
             key = settings.mailer_api_key.get_secret_value() if settings.mailer_api_key else None

@@ -2,7 +2,7 @@
 
 What one process spends on the client side of the same calls: the ceiling of anything that sends them
 with httpx on this event loop. `--concurrency` calls in flight (the worker's prefetch); the pool is
-the pipeline's (`streams.flows.deps.HTTP_CONNECTIONS`, all kept alive). Waits for SIGTERM when done.
+the pipeline's (`streams.flows.deps.HTTP_CONNECTIONS` and `HTTP_KEEPALIVE`). Waits for SIGTERM when done.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import httpx
 
 from bench import loops, workload
-from streams.flows.deps import HTTP_CONNECTIONS
+from streams.flows.deps import HTTP_CONNECTIONS, HTTP_KEEPALIVE
 
 
 async def send_all(url: str, n: int, concurrency: int, connections: int, keepalive: int) -> None:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--connections", type=int, default=HTTP_CONNECTIONS)
-    parser.add_argument("--keepalive", type=int, default=HTTP_CONNECTIONS)
+    parser.add_argument("--keepalive", type=int, default=HTTP_KEEPALIVE)
     parser.add_argument("--loop", default="auto")
     args = parser.parse_args(argv)
     loops.run(send_all(args.mailer_url, args.n, args.concurrency, args.connections, args.keepalive), args.loop)
