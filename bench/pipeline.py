@@ -23,7 +23,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import asyncpg
-import httpx
+import httpx2
 import redis.asyncio as aioredis
 from aiormq.abc import DeliveredMessage
 from faststream.rabbit import RabbitBroker
@@ -117,11 +117,11 @@ class Worker:
     async def wait_ready(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109 - a deadline across many polls
         """Until `/health/ready` answers 200; fails when the process exits first."""
         deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx2.AsyncClient(timeout=2.0) as client:
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-                with contextlib.suppress(httpx.HTTPError):
+                with contextlib.suppress(httpx2.HTTPError):
                     if (await client.get(f"http://127.0.0.1:{self.port}/health/ready")).status_code == 200:
                         return
                 if time.monotonic() > deadline:

@@ -16,7 +16,7 @@ import asyncio
 import os
 import time
 
-import httpx
+import httpx2
 
 from bench import pipeline, procstat, workload
 from bench.config import BenchConfig
@@ -26,7 +26,7 @@ BATCH_METRIC = "pipeline_store_batch_size"
 
 async def transactions(port: int) -> tuple[float, float]:
     """The worker's group commits so far: (messages, transactions)."""
-    async with httpx.AsyncClient(timeout=5.0) as client:
+    async with httpx2.AsyncClient(timeout=5.0) as client:
         return commit_totals((await client.get(f"http://127.0.0.1:{port}/metrics")).text)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import httpx
+import httpx2
 import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
@@ -191,11 +191,11 @@ class Soak:
         assert self.worker is not None
         url = f"http://127.0.0.1:{port}/health/ready"
         deadline = time.monotonic() + 90
-        async with httpx.AsyncClient(timeout=2) as http:
+        async with httpx2.AsyncClient(timeout=2) as http:
             while time.monotonic() < deadline:
                 if self.worker.poll() is not None:
                     raise RuntimeError(f"worker exited with {self.worker.returncode}:\n{self.worker_err(4000)}")
-                with contextlib.suppress(httpx.HTTPError):
+                with contextlib.suppress(httpx2.HTTPError):
                     if (await http.get(url)).status_code == 200:
                         return port
                 await asyncio.sleep(0.3)
@@ -223,8 +223,8 @@ class Soak:
 
     async def worker_events(self) -> int | None:
         """Outcome events our worker published (its /metrics): the rest came from another worker."""
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            async with httpx.AsyncClient(timeout=5) as http:
+        with contextlib.suppress(httpx2.HTTPError, ValueError):
+            async with httpx2.AsyncClient(timeout=5) as http:
                 text = (await http.get(f"http://127.0.0.1:{self.port}/metrics")).text
             return int(
                 sum(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 import structlog
 
 from handlers.http import post_json
@@ -25,17 +25,17 @@ class LogMailer:
 class HttpMailer:
     """POSTs `{to, subject, body, template}` with `Idempotency-Key: <message id>`."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, api_key: str | None = None) -> None:
-        self._client = client
+    def __init__(self, session: aiohttp.ClientSession, url: str, api_key: str | None = None) -> None:
+        self._session = session
         self._url = url
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def send(self, mail: SendEmail, *, idempotency_key: str) -> str | None:
         payload = {"to": str(mail.to), "subject": mail.subject, "body": mail.body, "template": mail.template}
         headers = {"Idempotency-Key": idempotency_key, **self._auth}
-        response = await post_json(self._client, self._url, payload, headers)
+        answer = await post_json(self._session, self._url, payload, headers)
         try:
-            data = response.json()
+            data = answer.json()
         except ValueError:
             return None
         provider_id = data.get("id") if isinstance(data, dict) else None

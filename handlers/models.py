@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import aiohttp
 
 from handlers.errors import DependencyUnavailableError
 from handlers.http import post_json
@@ -22,17 +22,17 @@ class EchoModel:
 class OpenAIModel:
     """POSTs to `<base url>/chat/completions` of an OpenAI-compatible API."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str, api_key: str | None = None) -> None:
-        self._client = client
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None = None) -> None:
+        self._session = session
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def complete(self, prompt: str, *, model: str, idempotency_key: str) -> Completion:
         payload = {"model": model, "messages": [{"role": "user", "content": prompt}]}
         headers = {"Idempotency-Key": idempotency_key, **self._auth}
-        response = await post_json(self._client, self._url, payload, headers)
+        answer = await post_json(self._session, self._url, payload, headers)
         try:
-            data = response.json()
+            data = answer.json()
             text = data["choices"][0]["message"]["content"]
             usage = data.get("usage") or {}
             prompt_tokens = _token_count(usage, "prompt_tokens")

@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.config import RESULTS, BenchConfig
 
 # The scenarios' contenders, in table order. Keys are stable: io-latest.json uses them.
-FREE: tuple[str, ...] = ("pipeline", "faststream-httpx", "dramatiq-httpx", "httpx-alone")
+FREE: tuple[str, ...] = ("pipeline", "faststream-http", "dramatiq-http", "client-alone")
 LIMITED: tuple[str, ...] = (
     "pipeline-limits-1w",
     "pipeline-limits-3w",

@@ -8,7 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from bench import procstat
 from bench.config import ROOT
@@ -18,7 +18,7 @@ from tests.providers import ProviderStats
 class ProviderProcess:
     """`python -m tests.providers ...`: started, its base URL read from its first line, stopped with SIGTERM."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, client: httpx2.AsyncClient) -> None:
         self.proc = proc
         self.url = url
         self._client = client
@@ -51,7 +51,7 @@ async def provider(kind: str, args: Sequence[str], log_path: Path) -> AsyncItera
         url = line.decode().strip()
         if not url.startswith("http://"):
             raise RuntimeError(f"provider did not start: {line!r} (its stderr: {log_path})")
-        async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+        async with httpx2.AsyncClient(timeout=10.0, trust_env=False) as client:
             yield ProviderProcess(proc, url, client)
     finally:
         if proc.returncode is None:

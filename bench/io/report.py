@@ -11,12 +11,13 @@ from typing import Any
 from bench import stats
 from bench.io.config import FREE, LIMITED, LLM
 from bench.io.runs import IoSample
+from handlers.http import HTTP_CONNECTIONS
 
 LABELS = {
     "pipeline": "pipeline, 1 worker (HTTP mailer, SQLite)",
-    "faststream-httpx": "bare FastStream + httpx.AsyncClient",
-    "dramatiq-httpx": "Dramatiq, threads + httpx.Client",
-    "httpx-alone": "httpx.AsyncClient alone, the pipeline's pool (no broker)",
+    "faststream-http": "bare FastStream + aiohttp",
+    "dramatiq-http": "Dramatiq, threads + httpx2.Client",
+    "client-alone": "the worker's HTTP session alone (no broker)",
     "pipeline-limits-1w": "pipeline, 1 worker, PIPELINE_LIMITS",
     "pipeline-limits-3w": "pipeline, 3 workers, PIPELINE_LIMITS",
     "pipeline-nolimits-1w": "pipeline, 1 worker, Retry-After only",
@@ -97,7 +98,7 @@ def ratio_of(summary: dict[str, dict[str, stats.Summary]], top: str, bottom: str
 def targets(summary: dict[str, dict[str, stats.Summary]]) -> list[tuple[str, float, str, bool | None]]:
     """(name, measured, goal, met) of the free scenario's targets."""
     rate = summary["pipeline"]["rate"].median if "pipeline" in summary else math.nan
-    ratio = ratio_of(summary, "pipeline", "dramatiq-httpx")
+    ratio = ratio_of(summary, "pipeline", "dramatiq-http")
     return [
         ("one pipeline worker, e-mails/s", rate, f">= {FREE_RATE_GOAL:,.0f}", _met(rate, FREE_RATE_GOAL)),
         ("pipeline / Dramatiq", ratio, f">= {DRAMATIQ_RATIO_GOAL:g}x", _met(ratio, DRAMATIQ_RATIO_GOAL)),
@@ -229,14 +230,15 @@ def notes(cfg: dict[str, Any]) -> list[str]:
         "(`ai.completion`), command, dead-letter and delay queues emptied and the shared limits' Redis keys "
         "deleted before each run. Dead letters: messages in `email.dlq` (`ai.completion.dlq`).",
         f"Bare FastStream: one subscriber on its own quorum queue, prefetch as the pipeline's, one "
-        f"httpx.AsyncClient (connections = prefetch), `cmd: SendEmail` validates. Dramatiq: "
+        f"aiohttp session (connections = prefetch), `cmd: SendEmail` validates. Dramatiq: "
         f"{cfg.get('dramatiq_threads', 8)} threads ((b): {cfg.get('dramatiq_limited_threads', 32)}, so that "
-        "it can exceed the limit), a sync httpx.Client per thread, the actor validates `SendEmail`; in (b) the "
+        "it can exceed the limit), a sync httpx2.Client per thread, the actor validates `SendEmail`; in (b) the "
         "POST runs inside `dramatiq.rate_limits.WindowRateLimiter` (limit per 1 s window, RedisBackend on the "
         "bench's Redis database), whose RateLimitExceeded, like a 429, is retried by Dramatiq's Retries "
         "middleware (backoff 1 s doubling to 10 s, 20 retries; its dead letters: `<queue>.XQ`).",
-        "httpx.AsyncClient alone: no broker, no validation: one process sending the same POSTs through one "
-        "client with the pipeline's pool limits (100 connections, 20 kept alive), as many in flight as the "
+        "The worker's HTTP session alone: no broker, no validation: one process sending the same POSTs through "
+        f"the adapters' session and `post_json` (aiohttp, {HTTP_CONNECTIONS} connections kept alive), "
+        "as many in flight as the "
         "worker's prefetch; the client side's own ceiling on this machine.",
     ]
 

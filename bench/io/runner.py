@@ -61,9 +61,9 @@ def contender_runs(cfg: IoConfig) -> dict[str, tuple[str, int, Run]]:
 
     return {
         "pipeline": ("free", cfg.free_n, free_pipeline),
-        "faststream-httpx": ("free", cfg.free_n, runs.run_faststream),
-        "dramatiq-httpx": ("free", cfg.free_n, free_dramatiq),
-        "httpx-alone": ("free", cfg.free_n, runs.run_httpx_alone),
+        "faststream-http": ("free", cfg.free_n, runs.run_faststream),
+        "dramatiq-http": ("free", cfg.free_n, free_dramatiq),
+        "client-alone": ("free", cfg.free_n, runs.run_client_alone),
         "pipeline-limits-1w": ("limited", cfg.limited_n, limited(1, cfg.mailer_limits)),
         "pipeline-limits-3w": ("limited", cfg.limited_n, limited(3, cfg.mailer_limits)),
         "pipeline-nolimits-1w": ("limited", cfg.limited_n, limited(1, None)),
@@ -117,7 +117,7 @@ def describe(cfg: IoConfig, rabbit_url: str, seconds: float) -> dict[str, Any]:
     """Metadata written beside the numbers."""
     knobs = {k: v for k, v in os.environ.items() if k.startswith(("BENCH_IO_", "BENCH_PIPELINE_"))}
     versions = {"Python": platform.python_version()}
-    for dist in ("faststream", "httpx", "httpcore", "dramatiq", "aio-pika", "uvloop"):
+    for dist in ("faststream", "httpx2", "httpcore2", "dramatiq", "aio-pika", "uvloop"):
         versions[dist] = runner._version(dist)
     return {
         "command": "make bench-io" + "".join(f" {k}={v}" for k, v in sorted(knobs.items())),

@@ -212,7 +212,7 @@ async def run_llm(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Pat
 
 
 async def run_faststream(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Path) -> None:
-    """The bare FastStream subscriber with httpx.AsyncClient, prefetch as the pipeline's."""
+    """The bare FastStream subscriber with an aiohttp session, prefetch as the pipeline's."""
     await brokers.preload_faststream(rabbit_url, sample.n)
     prefetch = pipeline.worker_prefetch()
     sample.details["prefetch"] = prefetch
@@ -237,15 +237,15 @@ async def run_faststream(cfg: IoConfig, rabbit_url: str, sample: IoSample, scrat
         await brokers.after_run(rabbit_url)
 
 
-async def run_httpx_alone(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Path) -> None:
-    """The client side alone: N POSTs through httpx with the pipeline's pool, the worker's prefetch in flight."""
+async def run_client_alone(cfg: IoConfig, rabbit_url: str, sample: IoSample, scratch: Path) -> None:
+    """The client side alone: N POSTs through the worker's HTTP session, the worker's prefetch in flight."""
     prefetch = pipeline.worker_prefetch()
     sample.details["concurrency"] = prefetch
     started: list[pipeline.Worker] = []
     args = mail_args(cfg.mail_latency, None, cfg.retry_after)
     async with provider("mail", args, scratch / f"{sample.contender}-provider.log") as prov, stopping(started, sample):
         command = [
-            sys.executable, "-m", "bench.io.contenders.httpx_alone", "--mailer-url", prov.url + "/send",
+            sys.executable, "-m", "bench.io.contenders.client_alone", "--mailer-url", prov.url + "/send",
             "--n", str(sample.n), "--concurrency", str(prefetch), "--loop", loops.resolve(cfg.base.loop),
         ]  # fmt: skip
         proc = start_process(command, scratch, f"{sample.contender}-{sample.round}")

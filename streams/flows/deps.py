@@ -5,49 +5,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import httpx
+import aiohttp
 from faststream import Depends
 
+from handlers.http import new_session
 from handlers.mailers import HttpMailer, LogMailer
 from handlers.models import EchoModel, OpenAIModel
 from handlers.ports import CompletionModel, Mailer
 from streams.core.settings import Settings
 
-HTTP_CONNECTIONS = 100  # per worker, shared by the mailer and the model
-HTTP_KEEPALIVE = 20
-
 
 @dataclass
 class Adapters:
-    """The process's mailer and completion model, and the HTTP client they share."""
+    """The process's mailer and completion model, and the HTTP session they share."""
 
     mailer: Mailer = field(default_factory=LogMailer)
     model: CompletionModel = field(default_factory=EchoModel)
-    client: httpx.AsyncClient | None = None
+    session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Adapters:
-        """Build the adapters the settings name; HTTP ones share one pooled client."""
+        """Build the adapters the settings name; HTTP ones share one pooled session (call in the running loop)."""
         adapters = cls()
         if settings.mailer == "http" or settings.llm == "openai":
-            adapters.client = httpx.AsyncClient(
-                timeout=httpx.Timeout(max(settings.mailer_timeout, settings.llm_timeout), connect=5.0),
-                # httpcore scans its whole pool to place each request: a smaller pool costs less per
-                # call than one connection for every message in flight (bench/io, pool shapes).
-                limits=httpx.Limits(max_connections=HTTP_CONNECTIONS, max_keepalive_connections=HTTP_KEEPALIVE),
-            )
-        if settings.mailer == "http" and adapters.client is not None:
+            adapters.session = new_session(max(settings.mailer_timeout, settings.llm_timeout))
+        if settings.mailer == "http" and adapters.session is not None:
             key = settings.mailer_api_key.get_secret_value() if settings.mailer_api_key else None
-            adapters.mailer = HttpMailer(adapters.client, str(settings.mailer_url), key)
-        if settings.llm == "openai" and adapters.client is not None:
+            adapters.mailer = HttpMailer(adapters.session, str(settings.mailer_url), key)
+        if settings.llm == "openai" and adapters.session is not None:
             key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
-            adapters.model = OpenAIModel(adapters.client, str(settings.llm_url), key)
+            adapters.model = OpenAIModel(adapters.session, str(settings.llm_url), key)
         return adapters
 
     async def close(self) -> None:
-        """Close the shared HTTP client."""
-        if self.client is not None:
-            await self.client.aclose()
+        """Close the shared HTTP session."""
+        if self.session is not None:
+            await self.session.close()
 
 
 ADAPTERS = Adapters()
@@ -57,7 +50,7 @@ def install(adapters: Adapters) -> None:
     """Make `adapters` the ones subscribers receive (tests install fakes the same way)."""
     ADAPTERS.mailer = adapters.mailer
     ADAPTERS.model = adapters.model
-    ADAPTERS.client = adapters.client
+    ADAPTERS.session = adapters.session
 
 
 # `async def`: FastDepends runs a plain `def` dependency in a worker thread, once per message.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
 from streams.core.envelope import Envelope
 from streams.core.logging import get_logger
@@ -17,7 +17,7 @@ class Alerter:
 
     def __init__(self, url: str | None) -> None:
         self.url = url
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def dead_lettered(self, env: Envelope, failure: Failure, dead_letter_id: int) -> None:
         """Send the alert for one dead letter."""
@@ -36,15 +36,15 @@ class Alerter:
         if self.url is None:
             log.warning("dead letter needs review", alert=payload["text"], dead_letter_id=dead_letter_id)
             return
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=ALERT_TIMEOUT)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ALERT_TIMEOUT), trust_env=True)
         try:
-            response = await self._client.post(self.url, json=payload)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
+            async with self._session.post(self.url, json=payload, raise_for_status=True):
+                pass
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("alert webhook failed", error=repr(exc), dead_letter_id=dead_letter_id)
 
     async def close(self) -> None:
-        """Close the webhook client."""
-        if self._client is not None:
-            await self._client.aclose()
+        """Close the webhook session."""
+        if self._session is not None:
+            await self._session.close()

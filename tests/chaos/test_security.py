@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
+import httpx2
 import pytest
 
 from tests.chaos.infra import PG_ADMIN, plain_pg
@@ -169,7 +169,7 @@ async def test_no_password_leaks_and_operator_commands_act_only_when_asked(stack
         await wait_ready(worker, timeout=90)
 
         seen: dict[str, str] = {}
-        async with httpx.AsyncClient(base_url=worker.base_url, timeout=10) as client:
+        async with httpx2.AsyncClient(base_url=worker.base_url, timeout=10) as client:
             for path in ("/health/live", "/health/ready", "/health/consumers", "/metrics", "/docs/asyncapi"):
                 response = await client.get(path)
                 seen[path] = f"{response.status_code}\n{response.text}"

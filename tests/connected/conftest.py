@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import httpx
+import httpx2
 import pytest
 import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
@@ -120,9 +120,9 @@ def wait_ready_sync(worker: Worker, timeout: float = 60) -> None:
         if worker.proc.poll() is not None:
             raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log()[-3000:]}")
         try:
-            if httpx.get(worker.base_url + "/health/ready", timeout=2).status_code == 200:
+            if httpx2.get(worker.base_url + "/health/ready", timeout=2).status_code == 200:
                 return
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             pass
         time.sleep(0.3)
     raise AssertionError(f"worker not ready within {timeout}s:\n{worker.log()[-3000:]}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import httpx
+import httpx2
 import pytest
 
 from streams.flows.catalog import FLOWS
@@ -235,9 +235,9 @@ def test_page_renders_every_command_channel_offline(page_worker: Worker, tmp_pat
     binary = chromium_binary()
     base = page_worker.base_url
     origin = urlsplit(base).netloc
-    served = httpx.get(base + PAGE, timeout=10)
+    served = httpx2.get(base + PAGE, timeout=10)
     assert served.status_code == 200, served.text[:2000]
-    document = httpx.get(base + PAGE + ".json", timeout=10).json()
+    document = httpx2.get(base + PAGE + ".json", timeout=10).json()
     expected = command_operations(document)
     assert all(expected.values()), f"command channels missing from the document: {expected}"
 
@@ -318,7 +318,7 @@ def test_page_renders_every_command_channel_offline(page_worker: Worker, tmp_pat
     assert not exceptions, exceptions
 
     # The component's licence and the bundle's notices are served beside it.
-    licence = httpx.get(f"{base}{PAGE}/assets/LICENSE", timeout=10)
+    licence = httpx2.get(f"{base}{PAGE}/assets/LICENSE", timeout=10)
     assert licence.status_code == 200
     assert "Apache License" in licence.text
-    assert httpx.get(f"{base}{PAGE}/assets/index.js.LICENSE.txt", timeout=10).status_code == 200
+    assert httpx2.get(f"{base}{PAGE}/assets/index.js.LICENSE.txt", timeout=10).status_code == 200

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from streams.core import names
@@ -76,7 +76,7 @@ async def test_pushback_slows_every_worker_and_uses_no_attempt(
             waits = await pool.rows("SELECT data FROM events WHERE type = 'message.retry_scheduled'")
             assert waits, "the 429s were recorded as waits"
             assert {(json.loads(data) if isinstance(data, str) else data)["attempt"] for (data,) in waits} == {1}
-            async with httpx.AsyncClient(timeout=5) as http:
+            async with httpx2.AsyncClient(timeout=5) as http:
                 counted = [(await http.get(w.base_url + "/metrics")).text for w in pool.started]
             assert any('pipeline_throttled_total{dependency="mailer"}' in text for text in counted)
         finally:

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from streams.core import names
@@ -52,9 +52,9 @@ async def test_a_killed_worker_is_forked_again_and_serves(
             if not children or children[0] == first:
                 return False
             try:
-                async with httpx.AsyncClient() as client:
+                async with httpx2.AsyncClient() as client:
                     return (await client.get(worker.base_url + "/health/ready", timeout=2)).status_code == 200
-            except httpx.HTTPError:
+            except httpx2.HTTPError:
                 return False
 
         await wait_until(replaced, 60, interval=0.05)

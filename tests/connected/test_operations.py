@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import aio_pika
-import httpx
+import httpx2
 import redis.asyncio as aioredis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
@@ -23,7 +23,7 @@ from tests.httpserver import RecordingServer, ScriptedResponse
 
 
 async def ready(worker: Worker) -> tuple[int, dict[str, Any]]:
-    async with httpx.AsyncClient() as client:
+    async with httpx2.AsyncClient() as client:
         response = await client.get(worker.base_url + "/health/ready", timeout=5)
     return response.status_code, response.json()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
-import httpx
+import httpx2
 
 from streams.core import names
 from tests.connected.conftest import RabbitProbe, RedisProbe, Worker
@@ -99,7 +99,7 @@ async def test_health_metrics_and_docs(worker: Worker, rabbit_probe: RabbitProbe
     """Ready names every check; metrics count handled messages; docs serve with try-it-out off."""
     mid = await rabbit_probe.publish("email", json.dumps(EMAIL).encode())
     await rabbit_probe.wait_event(names.EMAIL_SENT, mid)
-    async with httpx.AsyncClient(base_url=worker.base_url) as client:
+    async with httpx2.AsyncClient(base_url=worker.base_url) as client:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200
         body = ready.json()

@@ -12,7 +12,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from faststream.asgi import AsgiFastStream
 from faststream.specification import AsyncAPI
@@ -36,27 +36,27 @@ def installed(root: Path) -> Path:
     return root
 
 
-async def client_for(package_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def client_for(package_dir: Path) -> AsyncIterator[httpx2.AsyncClient]:
     app = AsgiFastStream(specification=AsyncAPI(title="pipeline", version="0.1.0"))
     for path, route in asyncapi_page.make_routes("/docs/asyncapi", app.schema, package_dir):
         app.mount(path, route)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://worker") as client:
         yield client
 
 
 @pytest.fixture
-async def with_assets(scratch_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def with_assets(scratch_dir: Path) -> AsyncIterator[httpx2.AsyncClient]:
     async for client in client_for(installed(scratch_dir / "react-component")):
         yield client
 
 
 @pytest.fixture
-async def without_assets(scratch_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def without_assets(scratch_dir: Path) -> AsyncIterator[httpx2.AsyncClient]:
     async for client in client_for(scratch_dir / "not-installed"):
         yield client
 
 
-async def test_page_loads_script_stylesheet_and_icon_from_the_worker(with_assets: httpx.AsyncClient) -> None:
+async def test_page_loads_script_stylesheet_and_icon_from_the_worker(with_assets: httpx2.AsyncClient) -> None:
     """The page is FastStream's, its script, stylesheet and icon on relative URLs of ours, no other host named."""
     res = await with_assets.get("/docs/asyncapi")
     assert res.status_code == 200
@@ -70,7 +70,7 @@ async def test_page_loads_script_stylesheet_and_icon_from_the_worker(with_assets
     assert "try" not in re.findall(r"asyncapi/(\w+)", html)  # try-it-out off
 
 
-async def test_assets_and_licences_are_served_as_installed(with_assets: httpx.AsyncClient) -> None:
+async def test_assets_and_licences_are_served_as_installed(with_assets: httpx2.AsyncClient) -> None:
     """Bundle, notices, stylesheet and licence come from the package directory with their content types."""
     served = {
         "index.js": ("browser/standalone/index.js", "text/javascript; charset=utf-8"),
@@ -91,7 +91,7 @@ async def test_assets_and_licences_are_served_as_installed(with_assets: httpx.As
 
 
 async def test_missing_assets_page_says_how_to_install_them(
-    without_assets: httpx.AsyncClient, scratch_dir: Path
+    without_assets: httpx2.AsyncClient, scratch_dir: Path
 ) -> None:
     """Without the component the page answers 503 naming `make web`; the document is still served."""
     res = await without_assets.get("/docs/asyncapi")

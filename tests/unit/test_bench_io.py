@@ -36,7 +36,7 @@ def test_report_shows_ratios_limits_and_failures(tmp_path: Path) -> None:
     """Ratios of median rates, the share of the provider's limit and failed runs make it into the report."""
     samples = [
         _sample("pipeline", "free", 1200.0, requests=1000, delivered=1000),
-        _sample("dramatiq-httpx", "free", 80.0, requests=1000, delivered=1000),
+        _sample("dramatiq-http", "free", 80.0, requests=1000, delivered=1000),
         _sample("pipeline-limits-1w", "limited", 190.0, requests=1000, rejected=0, delivered=1000),
         _sample("pipeline-nolimits-1w", "limited", 150.0, requests=1250, rejected=250, duplicates=2),
         IoSample(contender="llm-limits", scenario="llm", round=1, n=10, error="RuntimeError('boom')"),
@@ -44,7 +44,7 @@ def test_report_shows_ratios_limits_and_failures(tmp_path: Path) -> None:
     meta = {"date": "2026-12-07 13:30 UTC", "config": {"provider_limit": 200}, "rounds": 1, "quick": False}
     text = report.render_markdown(samples, meta)
 
-    assert "| Dramatiq, threads + httpx.Client | 80 | 15.0x |" in text
+    assert "| Dramatiq, threads + httpx2.Client | 80 | 15.0x |" in text
     assert "| one pipeline worker, e-mails/s | 1,200.0 | >= 1,000 | yes |" in text
     assert "| pipeline / Dramatiq | 15.0x | >= 10x | yes |" in text
     assert "| pipeline, 1 worker, PIPELINE_LIMITS | 190 | 95 % |" in text

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from tests.providers import MailProvider, ModelProvider, http_date
@@ -20,13 +20,13 @@ MAIL = {"to": "ada@example.com", "subject": "Hi", "body": "Hello.", "template": 
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[httpx2.AsyncClient]:
     """A client that ignores proxy settings from the environment."""
-    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as c:
+    async with httpx2.AsyncClient(timeout=10.0, trust_env=False) as c:
         yield c
 
 
-async def test_mail_limit_answers_429_with_retry_after_beyond_n_in_the_window(client: httpx.AsyncClient) -> None:
+async def test_mail_limit_answers_429_with_retry_after_beyond_n_in_the_window(client: httpx2.AsyncClient) -> None:
     """Beyond `limit` accepted requests in the window, the answer is 429 with the configured Retry-After."""
     with MailProvider(latency=0, limit=3, window=60.0) as mail:  # a long window: no request ages out
         answers = [await client.post(mail.endpoint, json=MAIL, headers={"Idempotency-Key": f"k{i}"}) for i in range(5)]
@@ -40,7 +40,7 @@ async def test_mail_limit_answers_429_with_retry_after_beyond_n_in_the_window(cl
         assert sum(row[2] for row in stats.series) == 3
 
 
-async def test_mail_retry_after_may_be_an_http_date_or_malformed(client: httpx.AsyncClient) -> None:
+async def test_mail_retry_after_may_be_an_http_date_or_malformed(client: httpx2.AsyncClient) -> None:
     """Retry-After is sent as configured: an HTTP date (computed per answer) or any text."""
     with MailProvider(latency=0, limit=0, retry_after=lambda: http_date(5)) as dated:
         answer = await client.post(dated.endpoint, json=MAIL)
@@ -51,7 +51,7 @@ async def test_mail_retry_after_may_be_an_http_date_or_malformed(client: httpx.A
         assert answer.headers["retry-after"] == "soon-ish"
 
 
-async def test_concurrency_in_flight_is_counted_and_duplicates_are_visible(client: httpx.AsyncClient) -> None:
+async def test_concurrency_in_flight_is_counted_and_duplicates_are_visible(client: httpx2.AsyncClient) -> None:
     """Requests held in flight together count as concurrency; a key accepted twice counts as a duplicate."""
     with MailProvider(latency=0) as mail:
         mail.hold()
@@ -69,7 +69,7 @@ async def test_concurrency_in_flight_is_counted_and_duplicates_are_visible(clien
         assert (stats.max_in_flight, stats.distinct_keys, stats.duplicates) == (5, 4, 1)
 
 
-async def test_model_answers_openai_shape_and_limits_tokens_per_minute(client: httpx.AsyncClient) -> None:
+async def test_model_answers_openai_shape_and_limits_tokens_per_minute(client: httpx2.AsyncClient) -> None:
     """Usage is deterministic (ceil(chars / 4) + completion_tokens); beyond the TPM window, 429 + Retry-After."""
     with ModelProvider(latency=0, tokens_per_minute=250, completion_tokens=50) as model:
         request = {"model": "m", "messages": [{"role": "user", "content": "x" * 198}]}  # 50 prompt tokens
@@ -93,7 +93,7 @@ def test_process_form_prints_its_url_and_serves_stats() -> None:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
-        with httpx.Client(timeout=10.0, trust_env=False) as client:
+        with httpx2.Client(timeout=10.0, trust_env=False) as client:
             client.post(url + "/send", json=MAIL)
             client.post(url + "/send", json=MAIL)
             stats = json.loads(client.get(url + "/stats").text)

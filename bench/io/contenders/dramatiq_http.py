@@ -1,4 +1,4 @@
-"""Dramatiq on RabbitMQ sending each e-mail with a sync httpx.Client per worker thread.
+"""Dramatiq on RabbitMQ sending each e-mail with a sync httpx2.Client per worker thread.
 
 The actor validates `SendEmail`, POSTs `{to, subject, body, template}` with `Idempotency-Key: <message
 id>`, and raises on a non-2xx (Dramatiq's Retries middleware retries it with backoff, then parks it in
@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import dramatiq
-import httpx
+import httpx2
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.rate_limits import WindowRateLimiter
 from dramatiq.rate_limits.backends import RedisBackend
@@ -44,10 +44,10 @@ def declare_actor(
     """The actor on `queue_name` (without a mailer URL: declared only, to enqueue and to declare queues)."""
     local = threading.local()
 
-    def client() -> httpx.Client:
+    def client() -> httpx2.Client:
         if not hasattr(local, "client"):
-            local.client = httpx.Client(timeout=10.0, trust_env=False)
-        found: httpx.Client = local.client
+            local.client = httpx2.Client(timeout=10.0, trust_env=False)
+        found: httpx2.Client = local.client
         return found
 
     def send_email(data: dict[str, Any], message_id: str) -> None:

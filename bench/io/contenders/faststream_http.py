@@ -1,4 +1,4 @@
-"""A bare FastStream RabbitMQ subscriber that sends each e-mail with httpx.AsyncClient, as a team would write it.
+"""A bare FastStream RabbitMQ subscriber that sends each e-mail with aiohttp, as a team would write it.
 
 The handler's `cmd: SendEmail` annotation validates; one POST of `{to, subject, body, template}` with
 `Idempotency-Key: <message id>`; a non-2xx raises (FastStream rejects the message: no retries here,
@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 
-import httpx
+import aiohttp
 from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitMessage, RabbitQueue
 
 from bench import loops
@@ -26,16 +26,17 @@ async def serve(url: str, queue_name: str, mailer_url: str, prefetch: int) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    limits = httpx.Limits(max_connections=prefetch, max_keepalive_connections=prefetch)
-    async with httpx.AsyncClient(timeout=10.0, limits=limits, trust_env=False) as client:
+    timeout = aiohttp.ClientTimeout(total=10.0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=prefetch)) as session:
         broker = RabbitBroker(url, logger=logging.getLogger("bench.io.faststream"), log_level=logging.DEBUG)
         queue = RabbitQueue(queue_name, queue_type=QueueType.QUORUM, durable=True, declare=False)
 
         @broker.subscriber(queue, channel=Channel(prefetch_count=prefetch))
         async def handle(cmd: SendEmail, msg: RabbitMessage) -> None:
             payload = {"to": str(cmd.to), "subject": cmd.subject, "body": cmd.body, "template": cmd.template}
-            response = await client.post(mailer_url, json=payload, headers={"Idempotency-Key": msg.message_id})
-            response.raise_for_status()
+            headers = {"Idempotency-Key": msg.message_id}
+            async with session.post(mailer_url, json=payload, headers=headers, raise_for_status=True) as response:
+                await response.read()
 
         async with broker:
             await broker.start()
