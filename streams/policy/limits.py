@@ -11,7 +11,11 @@ A call to a dependency (the mail provider, the LLM API) first takes a permit her
 - a provider's `Retry-After` (`throttled`) pauses the dependency for every worker until then.
 
 A permit that would wait longer than `max_wait` is not reserved: `MustWait` tells the caller to
-hand the message back to the broker for that long (no attempt used, no prefetch slot held).
+hand the message back to the broker (no attempt used, no prefetch slot held) until its place in
+the line of refused calls: each refusal takes the next place on a second schedule (`defer`), one
+call's interval after the last, starting where the reservations end, so a backlog comes back
+spread at the pace the limit lets calls out instead of all at once, every `max_wait`. That line
+reserves nothing: a call granted now is never held back by it.
 
 Why a Lua script and not the `limits` library: its strategies are counting windows (fixed,
 moving, sliding) that let a whole window's requests out at once, which a provider counting its
@@ -56,18 +60,25 @@ ANSWER_WEIGHT = 0.2
 SLOT_POLL = (0.005, 0.025)
 
 # KEYS[1] = the dependency's hash. ARGV: req interval (ms a request), tok interval (ms a token,
-# 0: none), tokens, max wait (ms). Returns {granted (1/0), wait ms}.
+# 0: none), tokens, max wait (ms), key TTL (ms), tokens a place in the line stands for.
+# Returns {granted (1/0), wait ms}: granted, the wait before the reserved turn; refused, the wait
+# until its place in the line of refused calls.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local req_iv, tok_iv = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tokens, max_wait = tonumber(ARGV[3]), tonumber(ARGV[4])
-local state = redis.call('HMGET', KEYS[1], 'req', 'tok', 'paused')
+local state = redis.call('HMGET', KEYS[1], 'req', 'tok', 'paused', 'defer')
 local start = math.max(now, tonumber(state[3] or '0'))
 if req_iv > 0 then start = math.max(start, tonumber(state[1] or '0')) end
 if tok_iv > 0 then start = math.max(start, tonumber(state[2] or '0')) end
 local wait = start - now
-if wait > max_wait then return {0, tostring(wait)} end
+if wait > max_wait then
+  local place = math.max(start, tonumber(state[4] or '0'))
+  redis.call('HSET', KEYS[1], 'defer', tostring(place + math.max(req_iv, tok_iv * tonumber(ARGV[6]))))
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {0, tostring(place - now)}
+end
 if req_iv > 0 then redis.call('HSET', KEYS[1], 'req', tostring(start + req_iv)) end
 if tok_iv > 0 then redis.call('HSET', KEYS[1], 'tok', tostring(start + tok_iv * tokens)) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -279,7 +290,11 @@ class Limiter(Periodic):
         if not req_iv and not tok_iv:
             await self._wait_for_pause(dep)
             return
-        args = [req_iv, tok_iv, permit.tokens, self.max_wait * 1000, KEY_TTL_MS]
+        # A place in the line stands for what the call is expected to use: its prompt, and the answer
+        # once answers were seen (until then the prompt alone: a line spaced too tight only sends a
+        # few calls back twice, one spaced too wide leaves turns unused).
+        line_tokens = permit.prompt + (round(dep.answer_tokens) if dep.answers_seen else 0)
+        args = [req_iv, tok_iv, permit.tokens, self.max_wait * 1000, KEY_TTL_MS, line_tokens]
         granted, wait_ms = await self.scripts.reserve(keys=[self.key(dep.name)], args=args)
         wait = float(wait_ms) / 1000
         if not int(granted):

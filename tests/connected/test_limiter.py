@@ -94,18 +94,49 @@ async def test_two_workers_together_keep_to_the_max_concurrency(client: aioredis
 
 
 async def test_a_wait_longer_than_max_wait_is_not_reserved_but_refused(client: aioredis.Redis) -> None:
-    """At 1/s with max_wait 0.3 s, the second call is told to wait on the broker, and reserves nothing."""
+    """At 1/s with max_wait 0.3 s, the second call is told to wait on the broker, and reserves nothing;
+    refused calls line up one interval apart (a backlog comes back at the limit's pace, not at once)."""
     name = dependency()
-    [limiter, _] = two(client, name, DependencyLimits(requests_per_second=1), max_wait=0.3)
+    [limiter, other] = two(client, name, DependencyLimits(requests_per_second=1), max_wait=0.3)
     try:
         await (await limiter.acquire(name)).release()
+        schedule = await client.hget(KEY_PREFIX + name, "req")
         with pytest.raises(MustWait) as refused:
             await limiter.acquire(name)
         assert 0.5 < refused.value.seconds <= 1.0 * PACE_MARGIN
         assert refused.value.reason == "requests per second"
-        again = await asyncio.gather(limiter.acquire(name), return_exceptions=True)
-        assert isinstance(again[0], MustWait)
-        assert again[0].seconds <= refused.value.seconds  # the refusal did not push the schedule out
+        later = await asyncio.gather(other.acquire(name), limiter.acquire(name), return_exceptions=True)
+        assert all(isinstance(r, MustWait) for r in later)
+        waits = sorted(r.seconds for r in later if isinstance(r, MustWait))
+        interval = PACE_MARGIN
+        assert waits[0] == pytest.approx(refused.value.seconds + interval, abs=0.1)
+        assert waits[1] == pytest.approx(refused.value.seconds + 2 * interval, abs=0.1)
+        assert await client.hget(KEY_PREFIX + name, "req") == schedule  # the refusals reserved nothing
+    finally:
+        await cleanup(client, name)
+
+
+async def test_refused_calls_come_back_to_a_free_turn(client: aioredis.Redis) -> None:
+    """A backlog at 5/s (max_wait 0.3 s): what cannot start within 0.3 s is refused, and each refused
+    call retried after the wait it was told is granted on its first return (the line spreads the
+    backlog at the limit's pace), so no call is refused twice."""
+    name = dependency()
+    workers = two(client, name, DependencyLimits(requests_per_second=5), max_wait=0.3)
+
+    async def call(limiter: Limiter) -> None:
+        await (await limiter.acquire(name)).release()  # raises MustWait when refused
+
+    try:
+        first = await asyncio.gather(*(call(workers[i % 2]) for i in range(10)), return_exceptions=True)
+        refused = [(i, r.seconds) for i, r in enumerate(first) if isinstance(r, MustWait)]
+        assert len(refused) >= 6
+        assert all(r is None or isinstance(r, MustWait) for r in first)
+
+        async def come_back(limiter: Limiter, wait: float) -> None:
+            await asyncio.sleep(wait)
+            await call(limiter)
+
+        await asyncio.gather(*(come_back(workers[i % 2], wait) for i, wait in refused))
     finally:
         await cleanup(client, name)
 
