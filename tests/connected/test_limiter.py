@@ -93,6 +93,31 @@ async def test_two_workers_together_keep_to_the_max_concurrency(client: aioredis
         await cleanup(client, name)
 
 
+async def test_a_call_waiting_for_its_turn_holds_no_concurrency_slot(client: aioredis.Redis) -> None:
+    """At 2/s with one call in flight at most, two calls waiting for their turns (0.5 s and 1 s away)
+    both hold their reservations and neither holds the slot: the slot is taken when the turn came,
+    so the cap never idles while the rate is what holds calls back."""
+    name = dependency()
+    [limiter, other] = two(client, name, DependencyLimits(requests_per_second=2, max_concurrency=1))
+    try:
+        await (await limiter.acquire(name)).release()
+        first_frontier = float(await client.hget(KEY_PREFIX + name, "req"))
+
+        async def call(limiter: Limiter) -> None:
+            await (await limiter.acquire(name)).release()
+
+        waiting = [asyncio.create_task(call(limiter)), asyncio.create_task(call(other))]
+        deadline = time.monotonic() + 2.0
+        while float(await client.hget(KEY_PREFIX + name, "req")) < first_frontier + 2 * 500 * PACE_MARGIN - 1:
+            assert time.monotonic() < deadline, "both calls should have reserved their turns"
+            await asyncio.sleep(0.01)
+        assert not any(task.done() for task in waiting)  # still waiting for their turns
+        assert await client.zcard(KEY_PREFIX + name + ":leases") == 0
+        await asyncio.gather(*waiting)
+    finally:
+        await cleanup(client, name)
+
+
 async def test_a_wait_longer_than_max_wait_is_not_reserved_but_refused(client: aioredis.Redis) -> None:
     """At 1/s with max_wait 0.3 s, the second call is told to wait on the broker, and reserves nothing;
     refused calls line up one interval apart (a backlog comes back at the limit's pace, not at once)."""
