@@ -101,14 +101,17 @@ async def test_a_call_waiting_for_its_turn_holds_no_concurrency_slot(client: aio
     [limiter, other] = two(client, name, DependencyLimits(requests_per_second=2, max_concurrency=1))
     try:
         await (await limiter.acquire(name)).release()
-        first_frontier = float(await client.hget(KEY_PREFIX + name, "req"))
+        async def frontier() -> float:  # the end of the reserved turns (ms)
+            return float(await client.hget(KEY_PREFIX + name, "req") or 0)
+
+        first_frontier = await frontier()
 
         async def call(limiter: Limiter) -> None:
             await (await limiter.acquire(name)).release()
 
         waiting = [asyncio.create_task(call(limiter)), asyncio.create_task(call(other))]
         deadline = time.monotonic() + 2.0
-        while float(await client.hget(KEY_PREFIX + name, "req")) < first_frontier + 2 * 500 * PACE_MARGIN - 1:
+        while await frontier() < first_frontier + 2 * 500 * PACE_MARGIN - 1:
             assert time.monotonic() < deadline, "both calls should have reserved their turns"
             await asyncio.sleep(0.01)
         assert not any(task.done() for task in waiting)  # still waiting for their turns
