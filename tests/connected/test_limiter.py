@@ -101,6 +101,7 @@ async def test_a_call_waiting_for_its_turn_holds_no_concurrency_slot(client: aio
     [limiter, other] = two(client, name, DependencyLimits(requests_per_second=2, max_concurrency=1))
     try:
         await (await limiter.acquire(name)).release()
+
         async def frontier() -> float:  # the end of the reserved turns (ms)
             return float(await client.hget(KEY_PREFIX + name, "req") or 0)
 
