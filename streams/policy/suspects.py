@@ -71,29 +71,25 @@ class CrashLedger:
         # Every message passes here: only the counters of crashed runs may stay behind.
         self._count = client.register_script(_COUNT)
         self._retries: set[asyncio.Task[None]] = set()
-        # Concurrent messages share one round trip each way, as their commits share a transaction
-        # (redis-py's Script: EVALSHA, loaded again after a Redis restart).
-        self._starts: GroupCommitter[str, None] = GroupCommitter(self._count_starts, max_batch=512)
-        self._ends: GroupCommitter[str, None] = GroupCommitter(self._count_returns, max_batch=512)
+        # Concurrent messages share one round trip, starts and ends together, as their commits share
+        # a transaction (redis-py's Script: EVALSHA, loaded again after a Redis restart).
+        self._counts: GroupCommitter[tuple[str, bool], None] = GroupCommitter(self._count_runs, max_batch=512)
 
     def start(self) -> None:
         """Share round trips between concurrent messages (on the running loop)."""
-        self._starts.start()
-        self._ends.start()
+        self._counts.start()
 
     async def stop(self) -> None:
         """Send what is queued, then write each update alone."""
-        await self._starts.stop()
-        await self._ends.stop()
+        await self._counts.stop()
 
-    async def _count_starts(self, keys: Sequence[str]) -> list[None]:
-        # One command for the lot: a script over every key (a pipeline packs two commands a key).
-        await self._count(keys=list(keys), args=[TTL_SECONDS, 0])
-        return [None] * len(keys)
-
-    async def _count_returns(self, keys: Sequence[str]) -> list[None]:
-        await self._count(keys=list(keys), args=[TTL_SECONDS, len(keys)])
-        return [None] * len(keys)
+    async def _count_runs(self, units: Sequence[tuple[str, bool]]) -> list[None]:
+        # One command for the lot: a script over every key (a pipeline packs two commands a key),
+        # the runs that ended first.
+        ended = [key for key, end in units if end]
+        started = [key for key, end in units if not end]
+        await self._count(keys=ended + started, args=[TTL_SECONDS, len(ended)])
+        return [None] * len(units)
 
     async def crashes(self, env: Envelope) -> int:
         """How many times a worker died inside this message's handler; 0 while Redis does not answer.
@@ -111,7 +107,7 @@ class CrashLedger:
     async def handler_started(self, env: Envelope) -> None:
         """Count a run of this message's handler as a crash until `handler_returned` says otherwise."""
         try:
-            await self._starts.submit(ledger_key(env))
+            await self._counts.submit((ledger_key(env), False))
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; this run is not counted", error=repr(exc))
 
@@ -123,7 +119,7 @@ class CrashLedger:
         """
         key = ledger_key(env)
         try:
-            await self._ends.submit(key)
+            await self._counts.submit((key, True))
         except (RedisError, OSError) as exc:
             log.warning("crash ledger unavailable; the run is uncounted once it is back", error=repr(exc))
             self._retry_returned_later([key])
