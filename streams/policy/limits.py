@@ -159,6 +159,12 @@ class _Dependency:
     answer_tokens: float = DEFAULT_ANSWER_TOKENS
     answers_seen: int = 0
 
+    def __post_init__(self) -> None:
+        # This dependency's metric series, looked up once rather than by label on every call.
+        self.wait_seconds = metrics.DEPENDENCY_WAIT.labels(self.name)
+        self.in_flight_gauge = metrics.DEPENDENCY_IN_FLIGHT.labels(self.name)
+        self.throttled_count = metrics.THROTTLED.labels(self.name)
+
     @property
     def enforced(self) -> bool:
         """Whether calls go through Redis before they start (a limit is set)."""
@@ -214,8 +220,7 @@ class Limiter(Periodic):
             if limits.max_concurrency:
                 dep.local = asyncio.Semaphore(limits.max_concurrency)
             self.dependencies[name] = dep
-            metrics.DEPENDENCY_IN_FLIGHT.labels(name).set(0)
-            metrics.THROTTLED.labels(name)
+            dep.in_flight_gauge.set(0)
         return dep
 
     def key(self, name: str) -> str:
@@ -248,9 +253,9 @@ class Limiter(Periodic):
                         raise
         finally:
             dep.waiting -= 1
-            metrics.DEPENDENCY_WAIT.labels(name).observe(time.monotonic() - started)
+            dep.wait_seconds.observe(time.monotonic() - started)
         dep.in_flight += 1
-        metrics.DEPENDENCY_IN_FLIGHT.labels(name).inc()
+        dep.in_flight_gauge.inc()
         return permit
 
     async def _wait_for_pause(self, dep: _Dependency) -> None:
@@ -321,7 +326,7 @@ class Limiter(Periodic):
         """End of a call: free its slot, settle its tokens."""
         dep = self.dependency(permit.dependency)
         dep.in_flight -= 1
-        metrics.DEPENDENCY_IN_FLIGHT.labels(dep.name).dec()
+        dep.in_flight_gauge.dec()
         await self._give_slot(dep, permit)
         if dep.limits.tokens_per_minute and used_tokens:
             answer = max(used_tokens - permit.prompt, 0)
@@ -337,7 +342,7 @@ class Limiter(Periodic):
         dep = self.dependency(name)
         dep.pushed_back += 1
         dep.last_pushback = time.time()
-        metrics.THROTTLED.labels(name).inc()
+        dep.throttled_count.inc()
         self._learn(dep, time.time() + retry_after)  # this worker holds back at once, Redis or not
         if self._scripts is None:
             return
