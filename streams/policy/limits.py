@@ -81,16 +81,22 @@ if wait > max_wait then
   return {0, tostring(place - now)}
 end
 if req_iv > 0 then redis.call('HSET', KEYS[1], 'req', tostring(start + req_iv)) end
-if tok_iv > 0 then redis.call('HSET', KEYS[1], 'tok', tostring(start + tok_iv * tokens)) end
+if tok_iv > 0 then redis.call('HSET', KEYS[1], 'tok', tostring(start + tok_iv * tokens), 'last', tostring(start)) end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {1, tostring(wait)}
 """
 # KEYS[1] = the dependency's hash. ARGV: ms to move the token schedule by (negative: give back).
+# Tokens given back never move the schedule before the last turn granted: calls already given
+# later turns (reserved with a larger estimate) would otherwise overlap the ones placed in the
+# freed time, and the provider's window would see more than the limit.
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local tok = tonumber(redis.call('HGET', KEYS[1], 'tok') or '0')
-redis.call('HSET', KEYS[1], 'tok', tostring(math.max(tok, now) + tonumber(ARGV[1])))
+local state = redis.call('HMGET', KEYS[1], 'tok', 'last')
+local shift = tonumber(ARGV[1])
+local tok = math.max(tonumber(state[1] or '0'), now) + shift
+if shift < 0 then tok = math.max(tok, tonumber(state[2] or '0')) end
+redis.call('HSET', KEYS[1], 'tok', tostring(tok))
 return 1
 """
 # KEYS[1] = the dependency's hash. ARGV: pause (ms from now). Returns the pause's end (ms since epoch).

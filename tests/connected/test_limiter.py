@@ -194,6 +194,32 @@ async def test_tokens_are_reserved_before_and_settled_after(client: aioredis.Red
         await cleanup(client, name)
 
 
+async def test_tokens_given_back_never_free_time_before_a_turn_already_granted(client: aioredis.Redis) -> None:
+    """A call reserves its estimate; a second is granted the turn after it; the first then reports it
+    used nothing. Its tokens go back, but the schedule stays at the second call's turn: a call placed
+    in the freed time would overlap the second, and the provider's minute would see too many."""
+    name = dependency()
+    [limiter, other] = two(client, name, DependencyLimits(tokens_per_minute=6_000), max_wait=10.0)
+    key = KEY_PREFIX + name
+
+    async def field(name: str) -> float:
+        return float(await client.hget(key, name) or 0)
+
+    try:
+        first = await limiter.acquire(name, tokens=100)  # 100 + 256 (no answer seen yet): 3.6 s
+        second = asyncio.create_task(other.acquire(name, tokens=10))
+        deadline = time.monotonic() + 2.0
+        while await field("last") < await field("tok") - 3_000:  # the second's turn, 3.6 s on
+            assert time.monotonic() < deadline, "the second call should have reserved its turn"
+            await asyncio.sleep(0.01)
+        granted = await field("last")
+        await first.release(used_tokens=0)
+        assert await field("tok") == pytest.approx(granted, abs=1.0)  # not before the second's turn
+        second.cancel()
+    finally:
+        await cleanup(client, name)
+
+
 async def test_a_pushback_seen_by_one_worker_holds_back_the_other(client: aioredis.Redis) -> None:
     """Retry-After told to one limiter reaches the other through Redis: it is throttled, calls wait on the broker."""
     name = dependency()
