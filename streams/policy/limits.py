@@ -166,6 +166,10 @@ class _Dependency:
     answers_seen: int = 0
 
     def __post_init__(self) -> None:
+        # The schedules' spacing (ms a request, ms a token; 0: no such limit), worked out once.
+        limits = self.limits
+        self.request_ms = PACE_MARGIN * 1000.0 / limits.requests_per_second if limits.requests_per_second else 0.0
+        self.token_ms = PACE_MARGIN * 60_000.0 / limits.tokens_per_minute if limits.tokens_per_minute else 0.0
         # This dependency's metric series, looked up once rather than by label on every call.
         self.wait_seconds = metrics.DEPENDENCY_WAIT.labels(self.name)
         self.in_flight_gauge = metrics.DEPENDENCY_IN_FLIGHT.labels(self.name)
@@ -299,9 +303,7 @@ class Limiter(Periodic):
         await self.scripts.client.zrem(self.key(dep.name) + ":leases", lease)
 
     async def _take_turn(self, dep: _Dependency, permit: Permit) -> None:
-        limits = dep.limits
-        req_iv = PACE_MARGIN * 1000.0 / limits.requests_per_second if limits.requests_per_second else 0.0
-        tok_iv = PACE_MARGIN * 60_000.0 / limits.tokens_per_minute if limits.tokens_per_minute else 0.0
+        req_iv, tok_iv = dep.request_ms, dep.token_ms
         if not req_iv and not tok_iv:
             await self._wait_for_pause(dep)
             return
@@ -318,13 +320,15 @@ class Limiter(Periodic):
         if wait > 0:
             await asyncio.sleep(wait)
 
+    async def _settle(self, dep: _Dependency, tokens: int) -> None:
+        """Move the token schedule by `tokens` (negative: give them back)."""
+        await self.scripts.settle(keys=[self.key(dep.name)], args=[tokens * dep.token_ms])
+
     async def _give_back_tokens(self, dep: _Dependency, permit: Permit) -> None:
-        tokens_per_minute = dep.limits.tokens_per_minute
-        if not tokens_per_minute or not permit.tokens:
+        if not dep.token_ms or not permit.tokens:
             return
-        shift = -permit.tokens * PACE_MARGIN * 60_000.0 / tokens_per_minute
         try:
-            await self.scripts.settle(keys=[self.key(dep.name)], args=[shift])
+            await self._settle(dep, -permit.tokens)
         except RedisError as exc:
             log.warning("could not give back the tokens of a call that did not start", error=repr(exc))
 
@@ -339,9 +343,8 @@ class Limiter(Periodic):
             weight = ANSWER_WEIGHT if dep.answers_seen else 1.0
             dep.answer_tokens += weight * (answer - dep.answer_tokens)
             dep.answers_seen += 1
-        if dep.limits.tokens_per_minute and used_tokens is not None and used_tokens != permit.tokens:
-            shift = (used_tokens - permit.tokens) * PACE_MARGIN * 60_000.0 / dep.limits.tokens_per_minute
-            await self.scripts.settle(keys=[self.key(dep.name)], args=[shift])
+        if dep.token_ms and used_tokens is not None and used_tokens != permit.tokens:
+            await self._settle(dep, used_tokens - permit.tokens)
 
     async def throttled(self, name: str, retry_after: float) -> None:
         """The provider pushed back: pause the dependency for every worker for `retry_after` seconds."""
